@@ -1,0 +1,159 @@
+"""Apply: surgery that turns a model and a :class:`~haprune.plan.Plan` into a physically smaller model.
+
+Data-free except for the optional least-squares implant initialisation. Steps, on a copy of the model:
+
+1. For groups with implants, permute the group's channels to [kept | implanted | removed] in every coupled
+   tensor (conv rows, BatchNorm parameters and statistics, consumers' input columns, residual partners); the
+   function is unchanged.
+2. Remove the planned channels with Torch-Pruning's per-op slicing (the dependency group removes them
+   everywhere they are coupled).
+3. Replace each implanted k x k conv by an :class:`ImplantConv2d` whose last channels are the implant.
+
+The user's model is never modified unless ``inplace=True``, and then only once the whole surgery succeeded.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable
+
+import torch
+import torch.nn as nn
+
+from ..graph import Group, StructureSet, _forward, _output_shapes, build_dependency_graph, build_structures
+from ..plan import Plan
+from .implant import IMPLANT_INITS, ImplantConv2d, LstsqAccumulator, make_implant, set_implant_weight
+
+__all__ = ["apply_plan", "ImplantConv2d", "IMPLANT_INITS", "PlanMismatchError"]
+
+
+class PlanMismatchError(ValueError):
+    """The plan was made for another model (a group is missing or has another size)."""
+
+
+def apply_plan(
+    model: nn.Module,
+    plan: Plan,
+    example_inputs: Any,
+    *,
+    structures: StructureSet | None = None,
+    implant_init: str = "zeros",
+    calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    inplace: bool = False,
+) -> nn.Module:
+    """Return the pruned (and implanted) model described by ``plan``.
+
+    Args:
+        example_inputs: a batch the model accepts (for tracing; batch 1 is enough).
+        structures: the structures the plan was made from; rebuilt from the model when None (reloading).
+        implant_init: ``zeros`` (official) or ``lstsq`` (fit to the original channels on ``calibration``).
+        calibration: (inputs, targets) batches; needed for ``lstsq``.
+        inplace: modify ``model`` itself (only after the surgery succeeded on a copy).
+    """
+    if implant_init not in IMPLANT_INITS:
+        raise ValueError(f"implant_init must be one of {IMPLANT_INITS}, got {implant_init!r}")
+    if implant_init == "lstsq" and calibration is None and any(g.implant for g in plan.groups.values()):
+        raise ValueError("implant_init='lstsq' needs calibration batches (inputs the model accepts)")
+    work = copy.deepcopy(model)
+    was_training = work.training
+    work.eval()
+    with torch.no_grad():
+        ref_shapes = _output_shapes(_forward(work, example_inputs))
+    if structures is None:
+        structures = build_structures(work, example_inputs, ignored_layers=[], check_surgery=False)
+    groups = _match(plan, structures)
+
+    for g, gp in groups:
+        if gp.implant:
+            _permute_group(work, g, gp.keep + gp.implant + gp.remove)
+    dg = build_dependency_graph(work, example_inputs)
+    for g, gp in groups:
+        if not gp.remove:
+            continue
+        alive = len(gp.keep) + len(gp.implant)
+        idxs = list(range(alive, g.size)) if gp.implant else list(gp.remove)
+        root = work.get_submodule(g.name)
+        pruner = dg.get_pruner_of_module(root)
+        dg.get_pruning_group(root, pruner.prune_out_channels, idxs).prune()
+
+    implanted = [(m, len(gp.implant)) for g, gp in groups if gp.implant for m in g.implantable]
+    fits: dict[str, LstsqAccumulator] = {}
+    if implanted and implant_init == "lstsq":
+        fits = _collect_lstsq(work, implanted, calibration)
+    for name, m in implanted:
+        conv = work.get_submodule(name)
+        new = make_implant(conv, m, plan.implant_kind)
+        if name in fits:
+            set_implant_weight(new, fits[name].solve())
+        _set_submodule(work, name, new)
+
+    with torch.no_grad():
+        shapes = _output_shapes(_forward(work, example_inputs))
+    if shapes != ref_shapes:
+        raise RuntimeError(f"surgery changed the output shape from {ref_shapes} to {shapes}; please report this")
+    work.train(was_training)
+    if inplace:
+        model.__dict__.update(work.__dict__)
+        return model
+    return work
+
+
+def _match(plan: Plan, structures: StructureSet) -> list[tuple[Group, Any]]:
+    out = []
+    for name, gp in plan.groups.items():
+        try:
+            g = structures[name]
+        except KeyError:
+            raise PlanMismatchError(
+                f"the plan names group {name!r}, which this model does not have; was it made for another model?"
+            ) from None
+        if g.size != gp.size:
+            raise PlanMismatchError(f"group {name!r} has {g.size} channels here but {gp.size} in the plan")
+        bad = [i for i in gp.remove + gp.implant if not 0 <= i < g.size]
+        if bad or len(set(gp.remove) | set(gp.implant)) != len(gp.remove) + len(gp.implant):
+            raise PlanMismatchError(f"group {name!r}: channel indices out of range or listed twice")
+        if not gp.keep and not gp.implant:
+            raise PlanMismatchError(f"group {name!r}: the plan removes every channel")
+        if gp.implant and not g.implantable:
+            raise PlanMismatchError(f"group {name!r} has no k x k conv to implant into")
+        out.append((g, gp))
+    return out
+
+
+def _permute_group(model: nn.Module, group: Group, order: list[int]) -> None:
+    """Reorder the group's channels to ``order`` (old channel index at each new position) in every tensor."""
+    rank = torch.empty(group.size, dtype=torch.long)
+    rank[torch.as_tensor(order)] = torch.arange(group.size)
+    tensors = dict(model.named_parameters())
+    tensors.update(dict(model.named_buffers()))
+    for s in group.slices:
+        t = tensors[s.tensor]
+        # positions of this tensor owned by the group, filled in the new channel order (stable within a channel)
+        positions = torch.sort(s.idxs).values
+        key = rank[s.root_idxs] * (s.idxs.max() + 1) + s.idxs
+        sources = s.idxs[torch.argsort(key)]
+        src = torch.arange(t.shape[s.dim])
+        src[positions] = sources
+        with torch.no_grad():
+            t.copy_(t.index_select(s.dim, src.to(t.device)))
+
+
+def _collect_lstsq(model: nn.Module, implanted: list[tuple[str, int]],
+                   calibration: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, LstsqAccumulator]:
+    fits = {name: LstsqAccumulator(model.get_submodule(name), m) for name, m in implanted}
+    hooks = [model.get_submodule(name).register_forward_hook(
+        lambda mod, inp, out, n=name: fits[n].add(inp[0].detach(), out.detach())) for name in fits]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for x, _ in calibration:
+                model(x.to(device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return fits
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, leaf, new)

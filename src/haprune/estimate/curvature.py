@@ -1,0 +1,237 @@
+"""Curvature criteria: per-structure Hessian block traces and per-element diagonals.
+
+- :func:`hutchinson`: the paper's estimator. Rademacher probes v, Hessian-vector products by double backward
+  that reuses each batch's gradient graph across probes, Tr(H_s) ~ mean_v v_s . (Hv)_s, reduced per structure
+  in a few vectorised ops. Stops when every structure's estimate has a relative standard error below ``tol``
+  or at ``max_probes``.
+- :func:`ggn`: the exact Gauss-Newton diagonal from per-sample Jacobians (torch.func), for cross-entropy
+  sum_k p_k (J^T (e_k - p))^2 and for mean-squared error. For networks piecewise linear in each parameter
+  (ReLU CNNs, eval-mode BatchNorm) the Hessian diagonal *equals* it, so the block traces are exact.
+- :func:`fisher`: the Fisher diagonal from per-sample gradients, with labels sampled from the model (an
+  unbiased Monte-Carlo estimate of the GGN for cross-entropy) or the true labels (the empirical Fisher).
+
+Memory: per-sample quantities are computed in chunks of at most ``chunk_size`` samples; the peak is about
+chunk_size x (outputs for ggn, 1 for fisher) x (structure parameters) floats, plus one batch's activations.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad, jacrev, vmap
+from tqdm.auto import tqdm
+
+from ..graph import StructureSet
+from .base import (
+    Batch,
+    LossFn,
+    check_loss,
+    default_loss,
+    relative_stderr,
+    structure_params,
+)
+
+# autograd nodes that keep a network piecewise linear in each single parameter (so that diag(H) = diag(GGN))
+PIECEWISE_LINEAR_OPS = frozenset({
+    "ConvolutionBackward0", "AddmmBackward0", "MmBackward0", "BmmBackward0", "LinearBackward0",
+    "NativeBatchNormBackward0", "CudnnBatchNormBackward0", "MiopenBatchNormBackward0",
+    "ReluBackward0", "LeakyReluBackward0", "LeakyReluBackward1", "ThresholdBackward0", "HardtanhBackward0",
+    "MaxPool2DWithIndicesBackward0", "MaxPool1DWithIndicesBackward0", "AvgPool2DBackward0",
+    "AdaptiveAvgPool2DBackward0", "AdaptiveMaxPool2DBackward0", "MeanBackward0", "MeanBackward1",
+    "SumBackward0", "SumBackward1", "AddBackward0", "SubBackward0", "ViewBackward0", "ReshapeAliasBackward0",
+    "UnsafeViewBackward0", "TBackward0", "TransposeBackward0", "PermuteBackward0", "CloneBackward0",
+    "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward4", "UnsqueezeBackward0", "CatBackward0",
+    "SplitBackward0", "SplitWithSizesBackward0", "SliceBackward0", "SelectBackward0", "IndexBackward0",
+    "ExpandBackward0", "AccumulateGrad", "ToCopyBackward0", "DivBackward1", "MulBackward1",
+    "ConstantPadNdBackward0", "NegBackward0",
+})
+
+
+def nonlinear_ops(model: nn.Module, inputs: torch.Tensor) -> list[str]:
+    """Autograd ops of one forward pass that are not on the piecewise-linear whitelist (empty: GGN is exact).
+
+    Parameter-times-parameter products (``MulBackward0``, attention) are reported too: they make the Hessian
+    diagonal differ from the GGN diagonal.
+    """
+    with torch.enable_grad():
+        out = model(inputs)
+    seen, stack, bad = set(), [out.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        name = type(fn).__name__
+        if name not in PIECEWISE_LINEAR_OPS:
+            bad.add(name)
+        stack.extend(f for f, _ in fn.next_functions)
+    return sorted(bad)
+
+
+def _rademacher(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    v = torch.randint(0, 2, p.shape, generator=gen, device="cpu", dtype=torch.int8)
+    return (v.to(device=p.device, dtype=p.dtype) * 2 - 1)
+
+
+def hutchinson(model: nn.Module, structures: StructureSet, batches: list[Batch], *, loss_fn: LossFn = default_loss,
+               min_probes: int = 8, max_probes: int = 300, tol: float = 0.05, seed: int = 0,
+               progress: bool = True) -> dict[str, Any]:
+    """Hutchinson estimates of each structure's Hessian block trace, averaged over calibration batches.
+
+    For each batch: one backward with ``create_graph=True``; then probes v (Rademacher over the structures'
+    parameters; zero elsewhere, which leaves E[v_s . (Hv)_s] = Tr(H_ss) unchanged and lowers the variance)
+    until the relative standard error of every structure's trace is below ``tol`` (after ``min_probes``) or
+    ``max_probes`` is reached. The per-element v * Hv average is returned too (a Hutchinson diagonal).
+    """
+    names, params = structure_params(model, structures)
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(len(y) for _, y in batches)
+    trace = torch.zeros(structures.num_structures, dtype=torch.float64)
+    var = torch.zeros_like(trace)
+    diag = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in zip(names, params)}
+    probes_used: list[int] = []
+    bar = tqdm(total=len(batches) * max_probes, desc="hutchinson probes", disable=not progress, leave=False)
+    for bi, (x, y) in enumerate(batches):
+        loss = loss_fn(model(x), y)
+        check_loss(loss, bi)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        mean = torch.zeros(structures.num_structures, dtype=torch.float64, device=x.device)
+        m2 = torch.zeros_like(mean)
+        bdiag = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in zip(names, params)}
+        n = 0
+        while n < max_probes:
+            vs = [_rademacher(p, gen) for p in params]
+            hvs = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=True)
+            elem = {nm: (v * hv).detach() for nm, v, hv in zip(names, vs, hvs)}
+            sample = structures.reduce(elem)
+            n += 1
+            delta = sample - mean
+            mean += delta / n
+            m2 += delta * (sample - mean)
+            for nm in names:
+                bdiag[nm] += (elem[nm].double() - bdiag[nm]) / n
+            bar.update(1)
+            if n >= min_probes and bool((relative_stderr(mean, m2, n) < tol).all()):
+                break
+        bar.update(max_probes - n)
+        del grads, loss
+        w = len(y) / total
+        trace += w * mean.cpu()
+        var += w * w * (m2 / max(n - 1, 1) / n).cpu()
+        for nm in names:
+            diag[nm] += w * bdiag[nm].cpu()
+        probes_used.append(n)
+    bar.close()
+    return {"trace": trace, "stderr": var.sqrt(), "diag": diag,
+            "info": {"probes_per_batch": probes_used, "tol": tol, "max_probes": max_probes, "exact": False}}
+
+
+def _split_params(model: nn.Module, names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    wanted = set(names)
+    params = {n: p.detach() for n, p in model.named_parameters() if n in wanted}
+    others = {n: p.detach() for n, p in model.named_parameters() if n not in wanted}
+    others.update(dict(model.named_buffers()))
+    return params, others
+
+
+def _auto_chunk(num_params: int, per_sample_copies: int, budget_bytes: float, itemsize: int) -> int:
+    return max(1, int(budget_bytes // max(1, num_params * per_sample_copies * itemsize * 3)))
+
+
+def ggn(model: nn.Module, structures: StructureSet, batches: list[Batch], *, loss: str = "cross_entropy",
+        chunk_size: int | None = None, memory_budget_mb: float = 1024, progress: bool = True) -> dict[str, Any]:
+    """Exact Gauss-Newton diagonal (and block traces) of the mean loss over the calibration batches.
+
+    Cross-entropy: diag(GGN) = mean_n sum_k p_nk * (J_n^T (e_k - p_n))^2, with J_n the Jacobian of sample n's
+    logits; mean-squared error (``loss="mse"``, mean over outputs): diag(GGN) = mean_n 2/K * sum_k (J_nk)^2.
+    Per-sample Jacobians come from ``torch.func`` (vmap over samples of jacrev), in chunks that keep the
+    Jacobians under ``memory_budget_mb``.
+    """
+    names, plist = structure_params(model, structures)
+    params, others = _split_params(model, names)
+    num = sum(p.numel() for p in params.values())
+    total = sum(len(y) for _, y in batches)
+    diag = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+
+    def logits_of(p, x):
+        return functional_call(model, (p, others), (x.unsqueeze(0),)).squeeze(0)
+
+    jac = vmap(jacrev(logits_of), in_dims=(None, 0))
+    bar = tqdm(total=total, desc="ggn samples", disable=not progress, leave=False)
+    for bi, (x, y) in enumerate(batches):
+        with torch.no_grad():
+            logits = model(x)
+        k = logits.shape[-1]
+        size = chunk_size or _auto_chunk(num, k, memory_budget_mb * 2**20, plist[0].element_size())
+        for s in range(0, len(x), size):
+            xc, lc = x[s:s + size], logits[s:s + size]
+            J = jac(params, xc)  # name -> (B, K, *shape)
+            if loss == "cross_entropy":
+                p = lc.softmax(-1).double()  # (B, K)
+                for n, Jn in J.items():
+                    Jf = Jn.reshape(Jn.shape[0], k, -1).double()  # (B, K, P)
+                    pJ = torch.einsum("bk,bkp->bp", p, Jf)  # p^T J
+                    # sum_k p_k (J_k - p^T J)^2 = sum_k p_k J_k^2 - (p^T J)^2
+                    d = (p.unsqueeze(-1) * Jf.pow(2)).sum(1) - pJ.pow(2)
+                    diag[n] += d.sum(0).reshape(diag[n].shape)
+            elif loss == "mse":
+                for n, Jn in J.items():
+                    diag[n] += (2.0 / k) * Jn.double().pow(2).sum((0, 1)).reshape(diag[n].shape)
+            else:
+                raise ValueError(f"ggn supports loss 'cross_entropy' or 'mse', not {loss!r}")
+            bar.update(len(xc))
+            del J
+    bar.close()
+    diag = {n: (d / total).cpu() for n, d in diag.items()}
+    return {"trace": structures.reduce(diag), "stderr": None, "diag": diag,
+            "info": {"samples": total, "loss": loss}}
+
+
+def fisher(model: nn.Module, structures: StructureSet, batches: list[Batch], *, labels: str = "sampled",
+           samples_per_input: int = 1, seed: int = 0, chunk_size: int | None = None,
+           memory_budget_mb: float = 1024, progress: bool = True) -> dict[str, Any]:
+    """Fisher diagonal from per-sample squared gradients of the cross-entropy (correctly per sample).
+
+    ``labels="sampled"``: y ~ softmax(logits), ``samples_per_input`` draws per input (the true Fisher, whose
+    expectation is the GGN for cross-entropy). ``labels="true"``: the data's labels (the empirical Fisher).
+    """
+    if labels not in ("sampled", "true"):
+        raise ValueError(f"labels must be 'sampled' or 'true', not {labels!r}")
+    names, plist = structure_params(model, structures)
+    params, others = _split_params(model, names)
+    num = sum(p.numel() for p in params.values())
+    gen = torch.Generator().manual_seed(seed)
+    draws = samples_per_input if labels == "sampled" else 1
+    diag = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+
+    def sample_loss(p, x, t):
+        return F.cross_entropy(functional_call(model, (p, others), (x.unsqueeze(0),)), t.unsqueeze(0))
+
+    per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    total = 0
+    bar = tqdm(total=sum(len(y) for _, y in batches) * draws, desc="fisher samples", disable=not progress,
+               leave=False)
+    for bi, (x, y) in enumerate(batches):
+        with torch.no_grad():
+            logits = model(x)
+        check_loss(F.cross_entropy(logits, y), bi)
+        size = chunk_size or _auto_chunk(num, 1, memory_budget_mb * 2**20, plist[0].element_size())
+        for _ in range(draws):
+            if labels == "sampled":
+                t = torch.multinomial(logits.softmax(-1).double().cpu(), 1, generator=gen).squeeze(1).to(x.device)
+            else:
+                t = y
+            for s in range(0, len(x), size):
+                g = per_sample_grad(params, x[s:s + size], t[s:s + size])
+                for n, gn in g.items():
+                    diag[n] += gn.double().pow(2).sum(0)
+                bar.update(len(x[s:s + size]))
+            total += len(x)
+    bar.close()
+    diag = {n: (d / total).cpu() for n, d in diag.items()}
+    return {"trace": structures.reduce(diag), "stderr": None, "diag": diag,
+            "info": {"labels": labels, "samples_per_input": draws, "samples": total, "exact": False}}

@@ -1,0 +1,39 @@
+"""First-order and zeroth-order criteria, for honest comparison with the curvature ones.
+
+All reduce over the whole structure (every tensor slice of the dependency group), like the curvature criteria.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..graph import StructureSet
+from .base import Batch, LossFn, check_loss, default_loss, structure_params
+
+
+def magnitude(model: nn.Module, structures: StructureSet, p: int) -> torch.Tensor:
+    """L1 (``p=1``: sum |w|) or L2 (``p=2``: sum w^2) magnitude of each structure's parameters."""
+    names, params = structure_params(model, structures)
+    return structures.reduce({n: w.detach().double().abs().pow(p) for n, w in zip(names, params)})
+
+
+def taylor(model: nn.Module, structures: StructureSet, batches: list[Batch], *,
+           loss_fn: LossFn = default_loss) -> dict[str, Any]:
+    """First-order Taylor importance (Molchanov et al. 2019, group form): mean over batches of (sum_s g * w)^2."""
+    names, params = structure_params(model, structures)
+    acc = torch.zeros(structures.num_structures, dtype=torch.float64)
+    total = sum(len(y) for _, y in batches)
+    for bi, (x, y) in enumerate(batches):
+        loss = loss_fn(model(x), y)
+        check_loss(loss, bi)
+        grads = torch.autograd.grad(loss, params)
+        gw = structures.reduce({n: (g * w).detach() for n, g, w in zip(names, grads, params)})
+        acc += (len(y) / total) * gw.pow(2).cpu()
+    return {"scores": acc, "info": {}}
+
+
+def random_scores(structures: StructureSet, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(structures.num_structures, generator=gen, dtype=torch.float64)

@@ -1,0 +1,287 @@
+"""Plan: which structures to keep, implant or remove, as a plain JSON-serialisable object.
+
+:func:`make_plan` ranks all structures globally by score and removes the least important ones until the target
+fraction of parameters (or FLOPs) is removed, within one percentage point, while honouring a hard per-group
+maximum removal ratio and a minimum number of channels. The next band of structures above the removal threshold
+(``implant_ratio`` times the number removed, among structures that can take one) gets a Neural Implant
+instead: its k x k convolution rows become a cheaper 1 x 1 (or separable) convolution. Unlike the official
+code, the budget counts the implants' own cost, so the plan's size is the pruned model's size.
+
+The cost model (:class:`CostModel`) is exact: every tensor's size is the product of its dimensions, each
+coupled dimension shrinking with the kept channels of its group; FLOPs are multiply-accumulates of Conv and
+Linear layers (the convention of the pruning literature) at the example input's resolution.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+
+from .graph import StructureSet, _forward
+
+IMPLANT_KINDS = ("1x1", "separable")
+PLAN_VERSION = 1
+
+
+class BudgetError(ValueError):
+    """The target cannot be met under the plan's constraints."""
+
+
+@dataclass
+class GroupPlan:
+    """Decisions for one group (keyed in :class:`Plan` by the root module's fully-qualified name)."""
+
+    size: int
+    remove: list[int] = field(default_factory=list)
+    implant: list[int] = field(default_factory=list)
+
+    @property
+    def keep(self) -> list[int]:
+        gone = set(self.remove) | set(self.implant)
+        return [i for i in range(self.size) if i not in gone]
+
+
+@dataclass
+class Plan:
+    """What to do to each group. Serialises to JSON keyed by fully-qualified module names."""
+
+    groups: dict[str, GroupPlan]
+    implant_kind: str = "1x1"
+    target: float = 0.0
+    budget: str = "params"
+    achieved: dict[str, float] = field(default_factory=dict)  # params/flops before, after, removed fractions
+    criterion: str = ""
+    seed: int = 0
+    version: int = PLAN_VERSION
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "removed": sum(len(g.remove) for g in self.groups.values()),
+            "implanted": sum(len(g.implant) for g in self.groups.values()),
+            "kept": sum(len(g.keep) for g in self.groups.values()),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["groups"] = {k: {"size": g.size, "remove": g.remove, "implant": g.implant} for k, g in self.groups.items()}
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Plan":
+        if d.get("version") != PLAN_VERSION:
+            raise ValueError(f"plan version {d.get('version')} is not supported (expected {PLAN_VERSION})")
+        groups = {k: GroupPlan(int(g["size"]), [int(i) for i in g["remove"]], [int(i) for i in g["implant"]])
+                  for k, g in d["groups"].items()}
+        rest = {k: v for k, v in d.items() if k != "groups"}
+        return cls(groups=groups, **rest)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def identity(cls, structures: StructureSet) -> "Plan":
+        """A plan that changes nothing."""
+        return cls({g.name: GroupPlan(g.size) for g in structures})
+
+
+# ---------------------------------------------------------------------------------------------------- costs
+
+@dataclass
+class _TensorCost:
+    const: int  # product of the dimensions coupled to no group
+    dims: list[tuple[int, int, int]]  # (group index, positions per channel, uncoupled positions) per coupled dim
+    spatial: int  # output positions per sample (for FLOPs); 0 = no FLOPs
+    implant: tuple[int, int, int] | None  # (out group index, kernel area k*k, in group index or -1) for k x k convs
+
+
+class CostModel:
+    """Exact parameter and FLOP counts of the model after any plan, from per-group channel counts."""
+
+    def __init__(self, model: nn.Module, structures: StructureSet, example_inputs: Any):
+        self.structures = structures
+        gidx = {g.name: i for i, g in enumerate(structures)}
+        spatial = _output_positions(model, example_inputs)
+        coupled: dict[str, dict[int, tuple[int, int, int]]] = {}
+        for g in structures:
+            for s in g.slices:
+                shape = dict(model.named_parameters()).get(s.tensor)
+                if shape is None:
+                    continue
+                full = shape.shape[s.dim]
+                mult = s.multiplicity
+                coupled.setdefault(s.tensor, {})[s.dim] = (gidx[g.name], mult, full - len(s.idxs))
+        implant_out = {m: gidx[g.name] for g in structures for m in g.implantable}
+        self.tensors: list[_TensorCost] = []
+        for name, p in model.named_parameters():
+            mod_name, _, leaf = name.rpartition(".")
+            dims = coupled.get(name, {})
+            const = math.prod(n for d, n in enumerate(p.shape) if d not in dims)
+            module = model.get_submodule(mod_name) if mod_name else model
+            is_mac = leaf == "weight" and isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
+            implant = None
+            if is_mac and mod_name in implant_out and 0 in dims:
+                k2 = p.shape[2] * p.shape[3]
+                implant = (implant_out[mod_name], k2, dims[1][0] if 1 in dims else -1)
+            self.tensors.append(_TensorCost(const, list(dims.values()), spatial.get(mod_name, 0) if is_mac else 0,
+                                            implant))
+        self.sizes = [g.size for g in structures]
+        self.num_groups = len(self.sizes)
+
+    def count(self, alive: list[int], implanted: list[int] | None = None, kind: str = "1x1") -> tuple[int, int]:
+        """(params, flops) when group i keeps ``alive[i]`` channels, ``implanted[i]`` of them as implants."""
+        implanted = implanted or [0] * self.num_groups
+        params = flops = 0
+        for t in self.tensors:
+            n = t.const
+            for gi, mult, extra in t.dims:
+                n *= extra + mult * alive[gi]
+            if t.implant is not None and implanted[t.implant[0]]:
+                # an implanted output row of a k x k conv costs in (1x1) or in + k*k (separable) instead of in*k*k
+                gi, k2, _ = t.implant
+                m, row = implanted[gi], n // alive[gi]
+                implant_row = row // k2 + (k2 if kind == "separable" else 0)
+                n = (alive[gi] - m) * row + m * implant_row
+            params += n
+            flops += n * t.spatial
+        return params, flops
+
+    def dense(self) -> tuple[int, int]:
+        return self.count(list(self.sizes))
+
+
+def _output_positions(model: nn.Module, example_inputs: Any) -> dict[str, int]:
+    """Per Conv/Linear module: output positions per sample (H*W for convs, tokens for linears)."""
+    out: dict[str, int] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            hooks.append(m.register_forward_hook(
+                lambda mod, i, o, n=name: out.__setitem__(n, int(o.shape[2:].numel()))))
+        elif isinstance(m, nn.Linear):
+            hooks.append(m.register_forward_hook(
+                lambda mod, i, o, n=name: out.__setitem__(n, int(o.numel() // o.shape[0] // o.shape[-1])
+                                                          if o.dim() > 1 else 1)))
+    try:
+        with torch.no_grad():
+            was = model.training
+            model.eval()
+            _forward(model, example_inputs)
+            model.train(was)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- solver
+
+def make_plan(
+    structures: StructureSet,
+    scores: torch.Tensor,
+    cost: CostModel,
+    target: float,
+    *,
+    budget: Literal["params", "flops"] = "params",
+    max_layer_ratio: float = 0.9,
+    min_channels: int = 1,
+    implant_ratio: float = 0.0,
+    implant_kind: str = "1x1",
+    criterion: str = "",
+    seed: int = 0,
+    tolerance: float = 0.01,
+) -> Plan:
+    """Remove the least important structures until ``target`` of the params (or FLOPs) is gone.
+
+    Args:
+        scores: flat per-structure importance (higher = keep), in ``structures`` order.
+        target: fraction in [0, 1) of parameters (``budget="params"``) or FLOPs removed, including implants.
+        max_layer_ratio: at most this fraction of any group's channels is removed (enforced, not a hint).
+        min_channels: every group keeps at least this many channels (kept + implanted).
+        implant_ratio: implant this many structures per removed one (e.g. 0.1), the next most important ones
+            above the removal threshold among groups that can take an implant.
+        tolerance: the achieved fraction must be within this of the target, else :class:`BudgetError`.
+    Ties are broken by group order then channel index, so a plan is deterministic for given scores.
+    """
+    if not 0.0 <= target < 1.0 or math.isnan(target):
+        raise ValueError(f"target must be a fraction in [0, 1), e.g. 0.5 for half the {budget}; got {target}")
+    if not 0.0 <= max_layer_ratio <= 1.0:
+        raise ValueError(f"max_layer_ratio must be in [0, 1], got {max_layer_ratio}")
+    if budget not in ("params", "flops"):
+        raise ValueError(f"budget must be 'params' or 'flops', got {budget!r}")
+    if implant_kind not in IMPLANT_KINDS:
+        raise ValueError(f"implant_kind must be one of {IMPLANT_KINDS}, got {implant_kind!r}")
+    if implant_ratio < 0:
+        raise ValueError(f"implant_ratio must be >= 0, got {implant_ratio}")
+    scores = scores.double().cpu()
+    if scores.shape != (structures.num_structures,):
+        raise ValueError(f"scores has shape {tuple(scores.shape)}, expected ({structures.num_structures},)")
+    if not torch.isfinite(scores).all():
+        raise ValueError("scores contain NaN or infinity; the sensitivity pass failed (check the calibration data)")
+
+    names = structures.names
+    gof = torch.cat([torch.full((g.size,), i, dtype=torch.long) for i, g in enumerate(structures)])
+    cof = torch.cat([torch.arange(g.size) for g in structures])
+    order = sorted(range(structures.num_structures), key=lambda j: (float(scores[j]), int(gof[j]), int(cof[j])))
+    caps = [min(int(math.floor(max_layer_ratio * g.size + 1e-9)), g.size - min_channels) for g in structures]
+    implantable = [bool(g.implantable) for g in structures]
+    which = 0 if budget == "params" else 1
+    dense = cost.dense()[which]
+
+    def decide(n_remove: int):
+        removed: list[list[int]] = [[] for _ in names]
+        rest = []
+        count = 0
+        for j in order:
+            gi = int(gof[j])
+            if count < n_remove and len(removed[gi]) < caps[gi]:
+                removed[gi].append(int(cof[j]))
+                count += 1
+            else:
+                rest.append(j)
+        n_impl = int(round(implant_ratio * count))
+        implanted: list[list[int]] = [[] for _ in names]
+        for j in rest:
+            if n_impl <= 0:
+                break
+            gi = int(gof[j])
+            if implantable[gi]:
+                implanted[gi].append(int(cof[j]))
+                n_impl -= 1
+        alive = [g.size - len(r) for g, r in zip(structures, removed)]
+        frac = 1.0 - cost.count(alive, [len(i) for i in implanted], implant_kind)[which] / dense
+        return removed, implanted, count, frac
+
+    lo, hi = 0, sum(max(0, c) for c in caps)
+    if decide(hi)[3] < target - tolerance:
+        raise BudgetError(
+            f"cannot remove {target:.1%} of {budget}: at most {decide(hi)[3]:.1%} is removable with "
+            f"max_layer_ratio={max_layer_ratio} and min_channels={min_channels}; raise max_layer_ratio, "
+            "lower the target, or ignore fewer layers")
+    while lo < hi:  # smallest number of removals that reaches the target
+        mid = (lo + hi) // 2
+        if decide(mid)[3] >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    removed, implanted, _, frac = decide(lo)
+    if abs(frac - target) > tolerance and target > 0:
+        raise BudgetError(f"the plan removes {frac:.2%} of {budget}, not within {tolerance:.0%} of {target:.0%}; "
+                          "the structures are too coarse for this target")
+    alive = [g.size - len(r) for g, r in zip(structures, removed)]
+    p_after, f_after = cost.count(alive, [len(i) for i in implanted], implant_kind)
+    p0, f0 = cost.dense()
+    plan = Plan(
+        groups={n: GroupPlan(g.size, sorted(r), sorted(i)) for n, g, r, i in zip(names, structures, removed, implanted)},
+        implant_kind=implant_kind, target=target, budget=budget, criterion=criterion, seed=seed,
+        achieved={"params_before": p0, "params_after": p_after, "params_removed": 1 - p_after / p0,
+                  "flops_before": f0, "flops_after": f_after, "flops_removed": 1 - f_after / max(f0, 1)},
+    )
+    return plan
