@@ -235,15 +235,16 @@ def make_plan(
     which = 0 if budget == "params" else 1
     dense = cost.dense()[which]
 
-    def decide(n_remove: int):
+    def decide(n_remove: int, skip: frozenset[int] = frozenset()):
         removed: list[list[int]] = [[] for _ in names]
-        rest = []
+        rest, last = [], -1
         count = 0
         for j in order:
             gi = int(gof[j])
-            if count < n_remove and len(removed[gi]) < caps[gi]:
+            if count < n_remove and j not in skip and len(removed[gi]) < caps[gi]:
                 removed[gi].append(int(cof[j]))
                 count += 1
+                last = j
             else:
                 rest.append(j)
         n_impl = int(round(implant_ratio * count))
@@ -257,21 +258,35 @@ def make_plan(
                 n_impl -= 1
         alive = [g.size - len(r) for g, r in zip(structures, removed)]
         frac = 1.0 - cost.count(alive, [len(i) for i in implanted], implant_kind)[which] / dense
-        return removed, implanted, count, frac
+        return removed, implanted, last, frac
 
-    lo, hi = 0, sum(max(0, c) for c in caps)
-    if decide(hi)[3] < target - tolerance:
+    def smallest_reaching(skip: frozenset[int]) -> int:
+        lo, hi = 0, structures.num_structures
+        while lo < hi:  # smallest number of removals that reaches the target
+            mid = (lo + hi) // 2
+            if decide(mid, skip)[3] >= target:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    most = decide(structures.num_structures)[3]
+    if most < target - tolerance:
         raise BudgetError(
-            f"cannot remove {target:.1%} of {budget}: at most {decide(hi)[3]:.1%} is removable with "
+            f"cannot remove {target:.1%} of {budget}: at most {most:.1%} is removable with "
             f"max_layer_ratio={max_layer_ratio} and min_channels={min_channels}; raise max_layer_ratio, "
             "lower the target, or ignore fewer layers")
-    while lo < hi:  # smallest number of removals that reaches the target
-        mid = (lo + hi) // 2
-        if decide(mid)[3] >= target:
-            hi = mid
-        else:
-            lo = mid + 1
-    removed, implanted, _, frac = decide(lo)
+    skip: frozenset[int] = frozenset()
+    best = None
+    for _ in range(200):
+        candidate = decide(smallest_reaching(skip), skip)
+        if best is None or abs(candidate[3] - target) < abs(best[3] - target):
+            best = candidate
+        if target - tolerance <= candidate[3] <= target + tolerance or candidate[2] < 0:
+            break
+        # the last structure overshoots the budget: keep it and take the next ones in rank order instead
+        skip = skip | {candidate[2]}
+    removed, implanted, _, frac = best
     if abs(frac - target) > tolerance and target > 0:
         raise BudgetError(f"the plan removes {frac:.2%} of {budget}, not within {tolerance:.0%} of {target:.0%}; "
                           "the structures are too coarse for this target")
