@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import haprune.estimate
+from haprune.estimate import estimate
 from haprune.apply import PlanMismatchError, apply_plan
 from haprune.graph import build_structures
 from haprune.io import PLAN_FILE, WEIGHTS_FILE, export_onnx, load_pruned, onnx_matches, save_pruned
@@ -64,7 +64,7 @@ def pruned(base):
     """(kind -> (plan, pruned model)) for no implants, 1x1 implants and separable implants."""
     m, s, cm = base
     xb, yb = torch.randn(4, 1, 16, 16), torch.randint(0, 10, (4,))
-    sens = haprune.estimate.estimate(m, s, [(xb, yb)], "l2", progress=False)
+    sens = estimate(m, s, [(xb, yb)], "l2", progress=False)
     out = {}
     for kind, ratio in (("none", 0.0), ("1x1", 0.2), ("separable", 0.2)):
         plan = make_plan(s, sens.scores, cm, 0.5, implant_ratio=ratio, implant_kind="1x1" if kind == "none" else kind)

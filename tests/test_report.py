@@ -18,6 +18,7 @@ from haprune.report import (
     build_report,
     count_flops,
     count_params,
+    evaluating,
     format_table,
     measure_latency,
     model_costs,
@@ -96,6 +97,14 @@ def test_measure_latency():
     for r in result.values():
         assert 0 < r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
     assert not models["a"].training and models["b"].training  # modes restored
+
+
+def test_evaluating_restores_mixed_modes():
+    m = _tiny()
+    m[1].eval()  # e.g. a frozen layer inside a training model
+    with evaluating(m):
+        assert not any(x.training for x in m.modules())
+    assert [x.training for x in m.modules()] == [True, True, False, True, True, True]
     with pytest.raises(ValueError, match="at least one model"):
         measure_latency({}, torch.zeros(1))
 

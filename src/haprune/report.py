@@ -37,6 +37,7 @@ __all__ = [
     "count_params",
     "count_flops",
     "model_costs",
+    "evaluating",
     "measure_latency",
     "num_threads",
     "structure_table",
@@ -72,7 +73,7 @@ def count_flops(model: nn.Module, example_inputs: Any) -> int:
     hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd,
                                                                                         nn.Linear))]
     try:
-        with _eval_mode(model), torch.no_grad():
+        with evaluating(model), torch.no_grad():
             _forward(model, example_inputs)
     finally:
         for h in hooks:
@@ -107,13 +108,20 @@ def model_costs(model: nn.Module, example_inputs: Any) -> dict[str, int]:
 
 
 @contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
-    model.eval()
+def evaluating(*models: nn.Module) -> Iterator[None]:
+    """Run the block with ``models`` in eval mode, then restore every submodule's own train/eval flag.
+
+    Restoring per submodule keeps a mixed state intact (a model training with frozen BatchNorm layers, say),
+    which ``model.train(was_training)`` would overwrite.
+    """
+    flags = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for m, training in flags:
+            m.training = training
 
 
 # ---------------------------------------------------------------------------------------------------- latency
@@ -135,20 +143,13 @@ def measure_latency(models: Mapping[str, nn.Module], example_input: Any, *, thre
     names = list(models)
     sync = _synchronizer(example_input)
     times: dict[str, list[float]] = {n: [] for n in names}
-    modes = {n: m.training for n, m in models.items()}
-    try:
-        for m in models.values():
-            m.eval()
-        with num_threads(threads), torch.inference_mode():
-            for r in range(warmup + repeats):
-                for k in range(len(names)):
-                    name = names[(r + k) % len(names)]
-                    elapsed = _time_once(models[name], example_input, sync)
-                    if r >= warmup:
-                        times[name].append(elapsed)
-    finally:
-        for n, m in models.items():
-            m.train(modes[n])
+    with evaluating(*models.values()), num_threads(threads), torch.inference_mode():
+        for r in range(warmup + repeats):
+            for k in range(len(names)):
+                name = names[(r + k) % len(names)]
+                elapsed = _time_once(models[name], example_input, sync)
+                if r >= warmup:
+                    times[name].append(elapsed)
     return {n: _summary_ms(times[n]) for n in names}
 
 
