@@ -142,49 +142,62 @@ def _auto_chunk(num_params: int, per_sample_copies: int, budget_bytes: float, it
     return max(1, int(budget_bytes // max(1, num_params * per_sample_copies * itemsize * 3)))
 
 
+def _squared_grads(model: nn.Module, names: list[str]):
+    """A function accumulating sum_n w_n * (d CE(x_n, t_n) / d theta)^2 into ``acc``, per sample, chunked."""
+    params, others = _split_params(model, names)
+
+    def sample_loss(p, x, t):
+        return F.cross_entropy(functional_call(model, (p, others), (x.unsqueeze(0),)), t.unsqueeze(0))
+
+    per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+
+    def accumulate(acc: dict[str, torch.Tensor], x: torch.Tensor, t: torch.Tensor, w: torch.Tensor, size: int) -> None:
+        for s in range(0, len(x), size):
+            g = per_sample_grad(params, x[s:s + size], t[s:s + size])
+            ws = w[s:s + size].double()
+            for n, gn in g.items():
+                acc[n] += torch.einsum("b,b...->...", ws, gn.double().pow(2))
+
+    return params, accumulate
+
+
 def ggn(model: nn.Module, structures: StructureSet, batches: list[Batch], *, loss: str = "cross_entropy",
         chunk_size: int | None = None, memory_budget_mb: float = 1024, progress: bool = True) -> dict[str, Any]:
     """Exact Gauss-Newton diagonal (and block traces) of the mean loss over the calibration batches.
 
-    Cross-entropy: diag(GGN) = mean_n sum_k p_nk * (J_n^T (e_k - p_n))^2, with J_n the Jacobian of sample n's
-    logits; mean-squared error (``loss="mse"``, mean over outputs): diag(GGN) = mean_n 2/K * sum_k (J_nk)^2.
-    Per-sample Jacobians come from ``torch.func`` (vmap over samples of jacrev), in chunks that keep the
-    Jacobians under ``memory_budget_mb``.
+    Cross-entropy: diag(GGN) = mean_n sum_k p_nk * (grad log p_k(x_n))^2 (the Fisher identity: J^T (diag p -
+    p p^T) J = sum_k p_k (J^T (e_k - p))(J^T (e_k - p))^T), computed with one per-sample gradient pass per class.
+    Mean-squared error (``loss="mse"``, mean over the K outputs): diag(GGN) = mean_n 2/K * sum_k (J_nk)^2 from
+    per-sample Jacobians. Per-sample work runs in chunks that keep it under ``memory_budget_mb``.
     """
     names, plist = structure_params(model, structures)
-    params, others = _split_params(model, names)
-    num = sum(p.numel() for p in params.values())
+    num = sum(p.numel() for p in plist)
     total = sum(len(y) for _, y in batches)
-    diag = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
-
-    def logits_of(p, x):
-        return functional_call(model, (p, others), (x.unsqueeze(0),)).squeeze(0)
-
-    jac = vmap(jacrev(logits_of), in_dims=(None, 0))
+    diag = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in zip(names, plist)}
+    if loss == "cross_entropy":
+        params, accumulate = _squared_grads(model, names)
+    elif loss == "mse":
+        params, others = _split_params(model, names)
+        jac = vmap(jacrev(lambda p, x: functional_call(model, (p, others), (x.unsqueeze(0),)).squeeze(0)),
+                   in_dims=(None, 0))
+    else:
+        raise ValueError(f"ggn supports loss 'cross_entropy' or 'mse', not {loss!r}")
     bar = tqdm(total=total, desc="ggn samples", disable=not progress, leave=False)
     for bi, (x, y) in enumerate(batches):
         with torch.no_grad():
             logits = model(x)
         k = logits.shape[-1]
-        size = chunk_size or _auto_chunk(num, k, memory_budget_mb * 2**20, plist[0].element_size())
-        for s in range(0, len(x), size):
-            xc, lc = x[s:s + size], logits[s:s + size]
-            J = jac(params, xc)  # name -> (B, K, *shape)
-            if loss == "cross_entropy":
-                p = lc.softmax(-1).double()  # (B, K)
-                for n, Jn in J.items():
-                    Jf = Jn.reshape(Jn.shape[0], k, -1).double()  # (B, K, P)
-                    pJ = torch.einsum("bk,bkp->bp", p, Jf)  # p^T J
-                    # sum_k p_k (J_k - p^T J)^2 = sum_k p_k J_k^2 - (p^T J)^2
-                    d = (p.unsqueeze(-1) * Jf.pow(2)).sum(1) - pJ.pow(2)
-                    diag[n] += d.sum(0).reshape(diag[n].shape)
-            elif loss == "mse":
-                for n, Jn in J.items():
-                    diag[n] += (2.0 / k) * Jn.double().pow(2).sum((0, 1)).reshape(diag[n].shape)
-            else:
-                raise ValueError(f"ggn supports loss 'cross_entropy' or 'mse', not {loss!r}")
-            bar.update(len(xc))
-            del J
+        if loss == "cross_entropy":
+            size = chunk_size or _auto_chunk(num, 1, memory_budget_mb * 2**20, plist[0].element_size())
+            p = logits.softmax(-1)
+            for c in range(k):
+                accumulate(diag, x, torch.full_like(y, c), p[:, c], size)
+        else:
+            size = chunk_size or _auto_chunk(num, k, memory_budget_mb * 2**20, plist[0].element_size())
+            for s in range(0, len(x), size):
+                for n, Jn in jac(params, x[s:s + size]).items():
+                    diag[n] += (2.0 / k) * Jn.double().pow(2).sum((0, 1))
+        bar.update(len(x))
     bar.close()
     diag = {n: (d / total).cpu() for n, d in diag.items()}
     return {"trace": structures.reduce(diag), "stderr": None, "diag": diag,
@@ -202,16 +215,12 @@ def fisher(model: nn.Module, structures: StructureSet, batches: list[Batch], *, 
     if labels not in ("sampled", "true"):
         raise ValueError(f"labels must be 'sampled' or 'true', not {labels!r}")
     names, plist = structure_params(model, structures)
-    params, others = _split_params(model, names)
-    num = sum(p.numel() for p in params.values())
+    num = sum(p.numel() for p in plist)
+    _, accumulate = _squared_grads(model, names)
     gen = torch.Generator().manual_seed(seed)
     draws = samples_per_input if labels == "sampled" else 1
-    diag = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
-
-    def sample_loss(p, x, t):
-        return F.cross_entropy(functional_call(model, (p, others), (x.unsqueeze(0),)), t.unsqueeze(0))
-
-    per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    diag = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in zip(names, plist)}
+    size = chunk_size or _auto_chunk(num, 1, memory_budget_mb * 2**20, plist[0].element_size())
     total = 0
     bar = tqdm(total=sum(len(y) for _, y in batches) * draws, desc="fisher samples", disable=not progress,
                leave=False)
@@ -219,18 +228,14 @@ def fisher(model: nn.Module, structures: StructureSet, batches: list[Batch], *, 
         with torch.no_grad():
             logits = model(x)
         check_loss(F.cross_entropy(logits, y), bi)
-        size = chunk_size or _auto_chunk(num, 1, memory_budget_mb * 2**20, plist[0].element_size())
         for _ in range(draws):
             if labels == "sampled":
                 t = torch.multinomial(logits.softmax(-1).double().cpu(), 1, generator=gen).squeeze(1).to(x.device)
             else:
                 t = y
-            for s in range(0, len(x), size):
-                g = per_sample_grad(params, x[s:s + size], t[s:s + size])
-                for n, gn in g.items():
-                    diag[n] += gn.double().pow(2).sum(0)
-                bar.update(len(x[s:s + size]))
+            accumulate(diag, x, t, torch.ones(len(x), device=x.device), size)
             total += len(x)
+            bar.update(len(x))
     bar.close()
     diag = {n: (d / total).cpu() for n, d in diag.items()}
     return {"trace": structures.reduce(diag), "stderr": None, "diag": diag,

@@ -1,0 +1,22 @@
+"""haprune: Hessian-aware structured pruning with Neural Implants for PyTorch models.
+
+The steps, each a module with a small API:
+
+    structures = haprune.build_structures(model, example_inputs)          # graph: what is coupled
+    sens = haprune.estimate(model, structures, calibration_batches)       # estimate: per-structure scores
+    plan = haprune.make_plan(structures, sens.scores,
+                             haprune.CostModel(model, structures, example_inputs), target=0.5)   # plan
+    pruned = haprune.apply_plan(model, plan, example_inputs, structures=structures)           # apply
+    haprune.recover.finetune(pruned, train_data, val_data, FinetuneConfig(...))               # recover
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .apply import ImplantConv2d, apply_plan
+from .estimate import Sensitivity, estimate
+from .graph import StructureSet, build_structures
+from .plan import CostModel, Plan, make_plan
+
+__all__ = ["__version__", "build_structures", "StructureSet", "estimate", "Sensitivity", "make_plan", "Plan",
+           "CostModel", "apply_plan", "ImplantConv2d"]
