@@ -1,0 +1,98 @@
+"""The command line end to end on a tiny synthetic IDX data set (written to a temporary folder)."""
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from haprune.cli import main
+
+
+def _write_idx(path, array: np.ndarray) -> None:
+    code = 0x08  # unsigned byte
+    header = struct.pack(">HBB", 0, code, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """5,400 train + 300 test 8x8 images; the class is which quadrant is bright (learnable in a few steps)."""
+    d = tmp_path_factory.mktemp("idx")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 5400), ("t10k", 300)):
+        labels = rng.integers(0, 4, n)
+        images = rng.integers(0, 60, (n, 8, 8))
+        for i, c in enumerate(labels):
+            r, q = divmod(int(c), 2)
+            images[i, 4 * r: 4 * r + 4, 4 * q: 4 * q + 4] += 180
+        _write_idx(d / f"{split}-images-idx3-ubyte.gz", images)
+        _write_idx(d / f"{split}-labels-idx1-ubyte.gz", labels)
+    return d
+
+
+def run(*args) -> int:
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt")
+    assert run("train", "--model", "resnet20", "--epochs", "1", "--train-limit", "512", "--data-dir", data_dir,
+               "--out", out, "--quiet") == 0
+    return out / "resnet20-fashion-mnist.safetensors"
+
+
+def test_prune_writes_a_complete_output_folder_that_eval_reloads(data_dir, trained, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = run("prune", "--model", "resnet20", "--weights", trained, "--data-dir", data_dir, "--out", out,
+               "--target", "0.4", "--implant-ratio", "0.2", "--finetune-epochs", "1", "--train-limit", "256",
+               "--calib-batches", "1", "--calib-batch-size", "32", "--latency-batch", "2", "--latency-repeats", "2",
+               "--onnx", "--quiet")
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "params" in printed and "accuracy, fine-tuned" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert abs(report["params"]["removed"] - 0.4) <= 0.01
+    assert report["sensitivity"]["criterion"] == "ggn"  # auto: ReLU network -> exact traces
+    assert report["plan"]["counts"]["implanted"] > 0
+    for key in ("before", "after_oneshot", "after_finetune"):
+        assert 0.0 <= report["accuracy"][key] <= 1.0
+    assert report["latency"]["speedup"] > 0
+    assert report["onnx"]["max_abs_diff"] < 1e-4
+    assert {"plan.json", "model.safetensors", "model.json", "model.onnx"} <= {p.name for p in out.iterdir()}
+    # a fresh process reloads the folder onto the base architecture and measures the same accuracy
+    res = subprocess.run([sys.executable, "-m", "haprune.cli", "eval", str(out), "--data-dir", str(data_dir)],
+                         capture_output=True, text=True, check=True)
+    reloaded = json.loads(res.stdout)
+    assert reloaded["test_accuracy"] == pytest.approx(report["accuracy"]["after_finetune"], abs=1e-9)
+    assert reloaded["params"] == report["params"]["after"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "1.5"], "fraction in [0, 1)"),
+    (["--target", "0.3", "--criterion", "hutchinson", "--max-probes", "2", "--max-layer-ratio", "0.05"],
+     "max_layer_ratio"),
+])
+def test_bad_options_give_a_clear_error_and_write_nothing(data_dir, trained, tmp_path, capsys, args, message):
+    out = tmp_path / "bad"
+    code = run("prune", "--model", "resnet20", "--weights", trained, "--data-dir", data_dir, "--out", out,
+               "--finetune-epochs", "0", "--calib-batches", "1", "--calib-batch-size", "16", "--quiet", *args)
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_missing_inputs_are_explained(data_dir, tmp_path, capsys):
+    assert run("prune", "--model", "resnet20", "--weights", tmp_path / "none.safetensors", "--data-dir", data_dir,
+               "--out", tmp_path / "o", "--target", "0.3") == 2
+    assert "haprune train" in capsys.readouterr().err
+    assert run("train", "--model", "resnet20", "--data-dir", tmp_path / "empty", "--out", tmp_path / "o") == 2
+    assert "apt-get install" in capsys.readouterr().err
+    assert run("eval", tmp_path) == 2
+    assert "output folder" in capsys.readouterr().err
