@@ -184,3 +184,25 @@ def test_ignored_layers_are_kept_whole_and_unknown_names_explained():
     assert "stem" not in S2.names and all("stem" not in g.out_modules for g in S2)
     with pytest.raises(ValueError, match="not found in the model"):
         build_structures(net, x, ignored_layers=["nope"])
+
+
+class WithGroupNorm(nn.Module):
+    """GroupNorm couples channels in groups: haprune does not slice it, so its group must be refused, not broken."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(1, 8, 3, padding=1)
+        self.gn = nn.GroupNorm(4, 8)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = torch.relu(self.b(torch.relu(self.gn(self.a(x)))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_unsupported_layer_refuses_its_group_and_names_the_fix():
+    S = build_structures(WithGroupNorm(), torch.randn(1, 1, 6, 6))
+    why = dict(S.refused)["a"]
+    assert "GroupNorm" in why and "ignored_layers" in why
+    assert S.names == ["b"]

@@ -121,15 +121,16 @@ def _criterion_options(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_prune(args: argparse.Namespace) -> int:
     started = datetime.now(timezone.utc)
     data = _load_data(args)
-    dense = _build_model(args.model, data, args.weights)
-    example = _example(data)
+    device = torch.device(args.device or "cpu")
+    dense = _build_model(args.model, data, args.weights).to(device)
+    example = _example(data).to(device)
     out = Path(args.out)
 
     # 1. estimate
     structures = build_structures(dense, example, ignored_layers=args.ignore)
     if structures.refused:
         _log("refused groups: " + "; ".join(f"{n} ({w})" for n, w in structures.refused))
-    calib = batches(data.train, args.calib_batch_size, shuffle=True, seed=args.seed)
+    calib = batches(data.train, args.calib_batch_size, shuffle=True, seed=args.seed, device=device)
     sens = estimate(dense, structures, calib, args.criterion, score=args.score, seed=args.seed,
                     num_batches=args.calib_batches, progress=not args.quiet, **_criterion_options(args))
     _log(f"sensitivity: {sens.criterion} ({sens.info.get('auto', {}).get('why', '')}) in {sens.info['seconds']} s")
@@ -142,14 +143,14 @@ def cmd_prune(args: argparse.Namespace) -> int:
                      criterion=sens.criterion, seed=args.seed)
 
     # 3. apply
-    calib_fit = batches(data.train, args.calib_batch_size, shuffle=True, seed=args.seed, limit=args.calib_batches * args.calib_batch_size)
+    calib_fit = batches(data.train, args.calib_batch_size, shuffle=True, seed=args.seed, limit=args.calib_batches * args.calib_batch_size, device=device)
     pruned = apply_plan(dense, plan, example, structures=structures, implant_init=args.implant_init,
                         calibration=calib_fit)
 
     # 4. recover: BatchNorm statistics first (essential after surgery), then fine-tuning
     acc_dense = _eval(dense, data.test, args.eval_limit)
     if not args.no_bn_reestimate:
-        reestimate_batchnorm(pruned, batches(data.train, 256, shuffle=True, seed=args.seed), 16)
+        reestimate_batchnorm(pruned, batches(data.train, 256, shuffle=True, seed=args.seed, device=device), 16)
     acc_oneshot = _eval(pruned, data.test, args.eval_limit)
     _log(f"accuracy: dense {acc_dense:.4f}, one-shot {acc_oneshot:.4f}")
     acc_ft, ft_result = None, None
@@ -158,11 +159,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         ft_result = finetune(pruned, data.train, data.val, config, teacher=dense if args.distill > 0 else None,
                              checkpoint_dir=out / "finetune", device=args.device, progress=not args.quiet,
                              log_fn=lambda r: _log(f"fine-tune epoch {r.epoch}: val {r.val_accuracy:.4f}"))
-        pruned = pruned.cpu().eval()
         acc_ft = _eval(pruned, data.test, args.eval_limit)
 
-    # 5. report
-    pruned.eval()
+    # 5. report (on the CPU: latency is CPU latency)
+    pruned, dense, example = pruned.cpu().eval(), dense.cpu(), example.cpu()
     latency = measure_latency({"dense": dense, "pruned": pruned}, torch.randn(args.latency_batch, *example.shape[1:]),
                               threads=args.threads, repeats=args.latency_repeats)
     save_pruned(out, pruned, plan)
