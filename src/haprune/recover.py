@@ -1,0 +1,635 @@
+"""Recovery after pruning: evaluation, BatchNorm re-estimation and (distilled) fine-tuning with resumable checkpoints.
+
+The same :func:`finetune` trains baselines from scratch (``FinetuneConfig(epochs=30, lr=0.1)``).
+Checkpoints hold no pickles: tensors go to safetensors files, everything else to JSON.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.data import TensorDataset
+from tqdm.auto import tqdm
+
+from ._fileio import PathLike, atomic_save_safetensors, atomic_write_json
+from .data import Batches, as_image_dataset
+from .data import batches as make_batches
+
+Batch = Tuple[torch.Tensor, torch.Tensor]
+EvalData = Union[TensorDataset, Iterable[Batch]]
+Device = Union[str, torch.device, None]
+
+SCHEDULES = ("cosine", "step")
+CHECKPOINT_FORMAT = "haprune.finetune/1"
+CHECKPOINT_JSON = "checkpoint.json"
+_FINITE_CHECK_INTERVAL = 25
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation and BatchNorm re-estimation
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model with neither)."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def preserved_modes(model: nn.Module) -> Iterator[None]:
+    """Restore every submodule's train/eval flag on exit (a model may mix them, e.g. frozen BatchNorm)."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _eval_batches(data: EvalData, batch_size: int, device: torch.device) -> Iterable[Batch]:
+    if isinstance(data, TensorDataset):
+        return make_batches(data, batch_size, device=device)
+    return data
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: EvalData, batch_size: int = 512, device: Device = None) -> Dict[str, float]:
+    """Mean cross-entropy ``loss`` and ``accuracy`` (a fraction) of ``model`` on ``data``.
+
+    ``data`` is a ``TensorDataset`` of (images, labels) or an iterable of ``(x, y)`` batches. The model runs in
+    eval mode without gradients and gets its modes back afterwards; with ``device`` it is moved there first.
+    """
+    if device is not None:
+        model.to(device)
+    target = model_device(model)
+    total_loss, correct, count = 0.0, 0, 0
+    with preserved_modes(model):
+        model.eval()
+        for x, y in _eval_batches(data, batch_size, target):
+            x, y = x.to(target), y.to(target)
+            logits = model(x).float()
+            total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(dim=1) == y).sum())
+            count += y.shape[0]
+    if count == 0:
+        raise ValueError("evaluate() got no samples: the data set (or batch iterable) is empty")
+    return {"loss": total_loss / count, "accuracy": correct / count}
+
+
+_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _batchnorms(model: nn.Module) -> List[_BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+
+def _bn_snapshot(norms: List[_BatchNorm]) -> List[Dict[str, torch.Tensor]]:
+    return [{name: getattr(m, name).clone() for name in _BN_BUFFERS} for m in norms]
+
+
+def _bn_restore(norms: List[_BatchNorm], snapshot: List[Dict[str, torch.Tensor]]) -> None:
+    for m, buffers in zip(norms, snapshot):
+        for name, value in buffers.items():
+            getattr(m, name).copy_(value)
+
+
+@torch.no_grad()
+def reestimate_batchnorm(
+    model: nn.Module, batches: Iterable[Union[Batch, torch.Tensor]], num_batches: Optional[int] = None
+) -> int:
+    """Recompute every BatchNorm's running mean and variance from ``batches``; returns how many were used.
+
+    Running stats are reset and accumulated as a cumulative (equal-weight per batch) average, i.e. with
+    ``momentum=None``, by forward passes in train mode without gradients. Momenta and train/eval modes are
+    restored afterwards. Essential after pruning: the old statistics no longer describe the pruned network.
+    ``batches`` yields ``(x, y)`` pairs or bare inputs; ``num_batches`` caps how many are used. If no batch
+    arrives or the forward fails, the previous statistics are put back before the error propagates.
+    """
+    norms = _batchnorms(model)
+    if not norms:
+        return 0
+    device = model_device(model)
+    snapshot, momenta = _bn_snapshot(norms), [m.momentum for m in norms]
+    used = 0
+    try:
+        with preserved_modes(model):
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None
+            model.train()
+            for batch in itertools.islice(batches, num_batches):
+                model((batch[0] if isinstance(batch, (tuple, list)) else batch).to(device))
+                used += 1
+        if used == 0:
+            raise ValueError("reestimate_batchnorm() got no batches; pass at least one batch of training inputs")
+    except BaseException:
+        _bn_restore(norms, snapshot)
+        raise
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+    return used
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses and schedules
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_logits: Optional[torch.Tensor] = None,
+    alpha: float = 0.0,
+    temperature: float = 4.0,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """``(1 - alpha) * CE(student, targets) + alpha * T^2 * KL(teacher_T || student_T)``, batch-averaged.
+
+    ``teacher_T`` and ``student_T`` are the softmaxes at temperature ``T``; the ``T^2`` factor keeps gradient
+    magnitudes comparable across temperatures (Hinton et al. 2015). Without teacher logits it is plain CE.
+    """
+    ce = F.cross_entropy(student_logits, targets, label_smoothing=label_smoothing)
+    if teacher_logits is None:
+        return ce
+    kl = F.kl_div(
+        F.log_softmax(student_logits / temperature, dim=1),
+        F.log_softmax(teacher_logits / temperature, dim=1),
+        reduction="batchmean",
+        log_target=True,
+    )
+    return (1.0 - alpha) * ce + alpha * temperature**2 * kl
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Hyper-parameters of :func:`finetune` (SGD; one learning rate per epoch from ``schedule``).
+
+    ``schedule``: ``"cosine"`` (to zero over ``epochs``) or ``"step"`` (x0.1 at 50% and 75% of ``epochs``).
+    ``distill_alpha`` > 0 with a teacher mixes in knowledge distillation at ``distill_temperature``.
+    ``max_batches_per_epoch`` caps an epoch (None = the whole training set). ``select_best`` loads, at the
+    end, the weights of the epoch with the best validation accuracy. ``bn_reestimate`` then recomputes the
+    BatchNorm statistics from up to ``bn_reestimate_batches`` un-augmented training batches. ``amp`` runs
+    forward passes under bfloat16 autocast (weights and optimizer state stay float32).
+    """
+
+    epochs: int
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    batch_size: int = 128
+    schedule: str = "cosine"
+    nesterov: bool = False
+    distill_alpha: float = 0.0
+    distill_temperature: float = 4.0
+    label_smoothing: float = 0.0
+    seed: int = 0
+    max_batches_per_epoch: Optional[int] = None
+    augment: bool = True
+    select_best: bool = True
+    bn_reestimate: bool = True
+    bn_reestimate_batches: Optional[int] = 100
+    amp: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.epochs >= 0, f"epochs must be >= 0, got {self.epochs}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}"),
+            (0.0 <= self.distill_alpha <= 1.0, f"distill_alpha must be in [0, 1], got {self.distill_alpha}"),
+            (self.distill_temperature > 0, f"distill_temperature must be > 0, got {self.distill_temperature}"),
+            (0.0 <= self.label_smoothing < 1.0, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.max_batches_per_epoch is None or self.max_batches_per_epoch >= 1,
+             f"max_batches_per_epoch must be >= 1 or None, got {self.max_batches_per_epoch}"),
+            (self.bn_reestimate_batches is None or self.bn_reestimate_batches >= 1,
+             f"bn_reestimate_batches must be >= 1 or None, got {self.bn_reestimate_batches}"),
+            (not self.nesterov or self.momentum > 0, "nesterov=True needs momentum > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def to_dict(self) -> Dict[str, object]:
+        """The fields as a JSON-ready dict."""
+        return asdict(self)
+
+
+def lr_at_epoch(config: FinetuneConfig, epoch: int) -> float:
+    """Learning rate of 0-based ``epoch``: cosine annealing to 0, or x0.1 steps at 50% and 75% of the epochs."""
+    if config.schedule == "cosine":
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * epoch / max(config.epochs, 1)))
+    milestones = (int(0.5 * config.epochs), int(0.75 * config.epochs))
+    return config.lr * 0.1 ** sum(epoch >= m for m in milestones)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """What one epoch of :func:`finetune` did (``epoch`` counts from 1)."""
+
+    epoch: int
+    lr: float
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """History and outcome of :func:`finetune`; ``final_val_*`` describe the returned model."""
+
+    history: List[EpochRecord]
+    best_epoch: Optional[int]
+    best_val_accuracy: Optional[float]
+    final_val_loss: float
+    final_val_accuracy: float
+    seconds: float
+    resumed_from_epoch: int
+
+    def to_dict(self) -> Dict[str, object]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+@dataclass
+class _RunState:
+    """The mutable progress of a run: what a checkpoint stores besides the model and optimizer."""
+
+    history: List[EpochRecord] = field(default_factory=list)
+    best_epoch: Optional[int] = None
+    best_val_accuracy: Optional[float] = None
+    best_state: Optional[Dict[str, torch.Tensor]] = None
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.history)
+
+    def record(self, entry: EpochRecord, model: nn.Module) -> None:
+        """Append ``entry``; keep a CPU copy of the weights when the validation accuracy is a new best."""
+        self.history.append(entry)
+        if self.best_val_accuracy is None or entry.val_accuracy > self.best_val_accuracy:
+            self.best_epoch, self.best_val_accuracy = entry.epoch, entry.val_accuracy
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints (safetensors + JSON, no pickle)
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> Tuple[Dict[str, torch.Tensor], Dict[str, object]]:
+    """Split the optimizer's per-parameter state into tensors (``optimizer/<index>/<key>``) and JSON scalars."""
+    tensors: Dict[str, torch.Tensor] = {}
+    scalars: Dict[str, object] = {}
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer/{index}/{key}"] = value
+            else:
+                scalars[f"{index}/{key}"] = value
+    return tensors, scalars
+
+
+def _restore_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], scalars: Mapping[str, object]
+) -> None:
+    """Load per-parameter state saved by :func:`_flatten_optimizer`; hyper-parameters come from the config."""
+    state: Dict[int, Dict[str, object]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer/"):
+            _, index, key = name.split("/", 2)
+            state.setdefault(int(index), {})[key] = value
+    for name, value in scalars.items():
+        index, key = name.split("/", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def _rng_tensors() -> Dict[str, torch.Tensor]:
+    tensors = {"rng/cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors.update({f"rng/cuda/{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return tensors
+
+
+def _restore_rng(tensors: Mapping[str, torch.Tensor]) -> None:
+    torch.set_rng_state(tensors["rng/cpu"])
+    cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng/cuda/"))]
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
+def _prefixed(prefix: str, tensors: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {f"{prefix}/{name}": tensor for name, tensor in tensors.items()}
+
+
+def _unprefixed(prefix: str, tensors: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    start = len(prefix) + 1
+    return {name[start:]: tensor for name, tensor in tensors.items() if name.startswith(prefix + "/")}
+
+
+def _save_checkpoint(
+    directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: FinetuneConfig, run: _RunState
+) -> None:
+    """Write ``state-<epoch>.safetensors``, then commit it by atomically replacing ``checkpoint.json``."""
+    optimizer_tensors, optimizer_scalars = _flatten_optimizer(optimizer)
+    tensors = {**_prefixed("model", model.state_dict()), **optimizer_tensors, **_rng_tensors()}
+    if run.best_state is not None:
+        tensors.update(_prefixed("best", run.best_state))
+    tensor_file = f"state-{run.epochs_done:04d}.safetensors"
+    atomic_save_safetensors(tensors, directory / tensor_file, metadata={"format": CHECKPOINT_FORMAT})
+    atomic_write_json(directory / CHECKPOINT_JSON, {
+        "format": CHECKPOINT_FORMAT,
+        "epochs_done": run.epochs_done,
+        "tensors": tensor_file,
+        "config": config.to_dict(),
+        "history": [asdict(entry) for entry in run.history],
+        "best_epoch": run.best_epoch,
+        "best_val_accuracy": run.best_val_accuracy,
+        "optimizer_scalars": optimizer_scalars,
+    })
+    for stale in directory.glob("state-*.safetensors"):
+        if stale.name != tensor_file:
+            stale.unlink(missing_ok=True)
+
+
+def checkpoint_config(checkpoint_dir: PathLike) -> Optional[FinetuneConfig]:
+    """The config of the run saved in ``checkpoint_dir`` by :func:`finetune`, or None if it holds none."""
+    path = Path(checkpoint_dir) / CHECKPOINT_JSON
+    if not path.is_file():
+        return None
+    return FinetuneConfig(**json.loads(path.read_text())["config"])
+
+
+def _load_checkpoint(
+    directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: FinetuneConfig
+) -> _RunState:
+    """Restore model, optimizer, RNG and run state from ``directory``; the config must match the saved one."""
+    meta = json.loads((directory / CHECKPOINT_JSON).read_text())
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{directory / CHECKPOINT_JSON} is not a {CHECKPOINT_FORMAT} checkpoint")
+    changed = {k: (v, getattr(config, k, None)) for k, v in meta["config"].items() if getattr(config, k, None) != v}
+    if changed:
+        details = ", ".join(f"{k}: saved {old!r} != now {new!r}" for k, (old, new) in changed.items())
+        raise ValueError(
+            f"checkpoint_dir {directory} holds a run with a different config ({details}); "
+            "use a new checkpoint_dir, or delete this one to start over"
+        )
+    tensors = load_file(str(directory / meta["tensors"]))
+    try:
+        model.load_state_dict(_unprefixed("model", tensors))
+    except RuntimeError as error:
+        raise ValueError(f"checkpoint_dir {directory} holds weights of a different model: {error}") from None
+    _restore_optimizer(optimizer, tensors, meta["optimizer_scalars"])
+    _restore_rng(tensors)
+    best = _unprefixed("best", tensors)
+    return _RunState(
+        history=[EpochRecord(**entry) for entry in meta["history"]],
+        best_epoch=meta["best_epoch"],
+        best_val_accuracy=meta["best_val_accuracy"],
+        best_state=best or None,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fine-tuning
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """Distinct shuffling/augmentation seed for each (seed, epoch) pair."""
+    return seed * 1_000_003 + epoch
+
+
+def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int, lr: float) -> None:
+    if not bool(torch.isfinite(loss_sum)):
+        raise NonFiniteLossError(
+            f"training loss became {float(loss_sum)} in epoch {epoch} by batch {step} (lr={lr:g}): "
+            "lower the learning rate, check the inputs for NaN/Inf, or turn off amp"
+        )
+
+
+def _train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: Batches,
+    config: FinetuneConfig,
+    teacher: Optional[nn.Module],
+    epoch: int,
+    progress: bool,
+) -> float:
+    """One pass of SGD over ``loader``; returns the mean training loss (distillation loss if a teacher is used)."""
+    device = model_device(model)
+    lr = optimizer.param_groups[0]["lr"]
+    total = min(len(loader), config.max_batches_per_epoch or len(loader))
+    loss_sum = torch.zeros((), device=device)
+    seen = 0
+    model.train()
+    bar = tqdm(itertools.islice(loader, total), total=total, desc=f"epoch {epoch}", leave=False,
+               disable=None if progress else True)
+    for step, (x, y) in enumerate(bar, start=1):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
+            logits = model(x)
+            teacher_logits = None
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(x).float()
+        loss = distillation_loss(logits.float(), y, teacher_logits, config.distill_alpha,
+                                 config.distill_temperature, config.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * y.shape[0]
+        seen += y.shape[0]
+        if step % _FINITE_CHECK_INTERVAL == 0:
+            _check_finite(loss_sum, epoch, step, lr)
+            bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}")
+    _check_finite(loss_sum, epoch, total, lr)
+    return float(loss_sum) / max(seen, 1)
+
+
+def finetune(
+    model: nn.Module,
+    train_data: TensorDataset,
+    val_data: TensorDataset,
+    config: FinetuneConfig,
+    teacher: Optional[nn.Module] = None,
+    checkpoint_dir: Optional[PathLike] = None,
+    device: Device = None,
+    progress: bool = True,
+    log_fn: Optional[Callable[[EpochRecord], None]] = None,
+) -> FinetuneResult:
+    """Train ``model`` in place with SGD (plus distillation from ``teacher``) and return the run's history.
+
+    Each epoch: set the learning rate from ``config.schedule``, one pass over shuffled (optionally augmented)
+    ``train_data``, evaluate on ``val_data``, write a checkpoint to ``checkpoint_dir`` (if given), call
+    ``log_fn(record)``. A later call with the same ``checkpoint_dir`` and config resumes after the last
+    completed epoch and ends with the same weights as an uninterrupted run. At the end, the best-validation
+    weights are loaded (``select_best``) and BatchNorm statistics re-estimated (``bn_reestimate``).
+    A fresh run seeds torch's global RNG with ``config.seed``. The model, teacher (put in eval mode) and data
+    are moved to ``device`` (default: the model's device). Raises :class:`NonFiniteLossError` if the loss diverges.
+    """
+    target = torch.device(device) if device is not None else model_device(model)
+    model.to(target)
+    train_set, val_set = as_image_dataset(train_data).to(target), as_image_dataset(val_data).to(target)
+    use_teacher = teacher is not None and config.distill_alpha > 0
+    if use_teacher:
+        teacher.to(target).eval()
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay, nesterov=config.nesterov)
+    directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if directory is not None and (directory / CHECKPOINT_JSON).is_file():
+        run = _load_checkpoint(directory, model, optimizer, config)
+    else:
+        torch.manual_seed(config.seed)
+        run = _RunState()
+    resumed_from = run.epochs_done
+    started = time.perf_counter()
+    for epoch in range(run.epochs_done, config.epochs):
+        epoch_start = time.perf_counter()
+        lr = lr_at_epoch(config, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loader = make_batches(train_set, config.batch_size, shuffle=True, seed=_epoch_seed(config.seed, epoch),
+                         augment=config.augment)
+        train_loss = _train_epoch(model, optimizer, loader, config, teacher if use_teacher else None,
+                                  epoch + 1, progress)
+        val = evaluate(model, val_set)
+        entry = EpochRecord(epoch + 1, lr, train_loss, val["loss"], val["accuracy"],
+                            time.perf_counter() - epoch_start)
+        run.record(entry, model)
+        if directory is not None:
+            _save_checkpoint(directory, model, optimizer, config, run)
+        if log_fn is not None:
+            log_fn(entry)
+    if config.select_best and run.best_state is not None:
+        model.load_state_dict(run.best_state)
+    if config.bn_reestimate:
+        bn_batches = make_batches(train_set, config.batch_size, shuffle=True, seed=config.seed)
+        reestimate_batchnorm(model, bn_batches, config.bn_reestimate_batches)
+    final = evaluate(model, val_set)
+    previous_seconds = sum(entry.seconds for entry in run.history[:resumed_from])
+    return FinetuneResult(
+        history=list(run.history),
+        best_epoch=run.best_epoch,
+        best_val_accuracy=run.best_val_accuracy,
+        final_val_loss=final["loss"],
+        final_val_accuracy=final["accuracy"],
+        seconds=previous_seconds + time.perf_counter() - started,
+        resumed_from_epoch=resumed_from,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weight files (optionally half precision and sharded)
+
+
+def _shard_paths(path: Path) -> List[Path]:
+    """Existing shards ``<stem>-00001-of-0000N.safetensors`` of ``path``, checked to be complete."""
+    found = sorted(path.parent.glob(f"{path.stem}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]{path.suffix}"))
+    if not found:
+        return []
+    count = int(found[0].stem.rsplit("-of-", 1)[1])
+    expected = [path.with_name(f"{path.stem}-{i:05d}-of-{count:05d}{path.suffix}") for i in range(1, count + 1)]
+    if found != expected:
+        raise FileNotFoundError(f"incomplete or mixed shards of {path}: found {[p.name for p in found]}")
+    return expected
+
+
+def _split_shards(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> List[Dict[str, torch.Tensor]]:
+    """Greedy, order-preserving split into groups of at most ``max_bytes`` of tensor data each."""
+    shards: List[Dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes > max_bytes:
+            raise ValueError(f"tensor {name} has {nbytes} bytes, more than max_shard_bytes={max_bytes}")
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+def save_weights(
+    model: nn.Module,
+    path: PathLike,
+    dtype: Optional[torch.dtype] = None,
+    max_shard_bytes: Optional[int] = None,
+    metadata: Optional[Mapping[str, str]] = None,
+) -> List[Path]:
+    """Save the model's state dict as safetensors at ``path`` (atomically); returns the files written.
+
+    ``dtype`` (e.g. ``torch.float16``) converts floating-point tensors to keep the file small. With
+    ``max_shard_bytes``, a state dict that does not fit is split into ``<stem>-00001-of-0000N.safetensors``
+    files; :func:`load_checkpoint_weights` reads either form. Stale files of the other form are removed.
+    """
+    target = Path(path)
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+             for k, v in model.state_dict().items()}
+    groups = _split_shards(state, max_shard_bytes) if max_shard_bytes is not None else [state]
+    stale = _shard_paths(target) + ([target] if target.exists() else [])
+    if len(groups) == 1:
+        written = [target]
+    else:
+        written = [target.with_name(f"{target.stem}-{i:05d}-of-{len(groups):05d}{target.suffix}")
+                   for i in range(1, len(groups) + 1)]
+    for file, group in zip(written, groups):
+        atomic_save_safetensors(group, file, metadata=metadata)
+    for old in stale:
+        if old not in written:
+            old.unlink(missing_ok=True)
+    return written
+
+
+def load_checkpoint_weights(model: nn.Module, path: PathLike, strict: bool = True) -> nn.Module:
+    """Load weights saved by :func:`save_weights` (single file or shards, any float dtype) into ``model``.
+
+    Tensors are cast to the model's own dtypes and devices. Returns ``model``.
+    """
+    target = Path(path)
+    files = [target] if target.is_file() else _shard_paths(target)
+    if not files:
+        raise FileNotFoundError(f"no weights at {target} (nor shards {target.stem}-00001-of-N{target.suffix})")
+    state: Dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    model.load_state_dict(state, strict=strict)
+    return model
+
+
+__all__ = [
+    "EpochRecord",
+    "checkpoint_config",
+    "FinetuneConfig",
+    "FinetuneResult",
+    "NonFiniteLossError",
+    "distillation_loss",
+    "evaluate",
+    "finetune",
+    "load_checkpoint_weights",
+    "lr_at_epoch",
+    "model_device",
+    "preserved_modes",
+    "reestimate_batchnorm",
+    "save_weights",
+]
