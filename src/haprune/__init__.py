@@ -3,7 +3,7 @@
 The steps, each a module with a small API:
 
     structures = haprune.build_structures(model, example_inputs)          # graph: what is coupled
-    sens = haprune.estimate(model, structures, calibration_batches)       # estimate: per-structure scores
+    sens = estimate(model, structures, calibration_batches)               # from haprune.estimate import estimate
     plan = haprune.make_plan(structures, sens.scores,
                              haprune.CostModel(model, structures, example_inputs), target=0.5)   # plan
     pruned = haprune.apply_plan(model, plan, example_inputs, structures=structures)           # apply
@@ -14,9 +14,9 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .apply import ImplantConv2d, apply_plan
-from .estimate import Sensitivity, estimate
+from .estimate import Sensitivity
 from .graph import StructureSet, build_structures
 from .plan import CostModel, Plan, make_plan
 
-__all__ = ["__version__", "build_structures", "StructureSet", "estimate", "Sensitivity", "make_plan", "Plan",
+__all__ = ["__version__", "build_structures", "StructureSet", "Sensitivity", "make_plan", "Plan",
            "CostModel", "apply_plan", "ImplantConv2d"]

@@ -240,15 +240,30 @@ def _module_names(model: nn.Module, names: Iterable[str]) -> list[nn.Module]:
     return [modules[n] for n in names]
 
 
+class eval_mode:
+    """Context: model in eval mode (BatchNorm uses running statistics, as in the paper).
+
+    Restores every submodule's own train/eval flag on exit (a model may mix them, e.g. frozen BatchNorm).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        return self.model
+
+    def __exit__(self, *exc):
+        for m, training in self.modes:
+            m.training = training
+        return False
+
+
 def build_dependency_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
     """Trace ``model`` with Torch-Pruning (in eval mode, so BatchNorm statistics are not touched)."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.enable_grad():
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.enable_grad():
+        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
 
 
 def _group_from_tp(dg: tp.DependencyGraph, tp_group, name: str, size: int) -> Group:

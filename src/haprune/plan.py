@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from .graph import StructureSet, _forward
+from .graph import StructureSet, _forward, eval_mode
 
 IMPLANT_KINDS = ("1x1", "separable")
 PLAN_VERSION = 1
@@ -158,23 +158,21 @@ class CostModel:
 
 
 def _output_positions(model: nn.Module, example_inputs: Any) -> dict[str, int]:
-    """Per Conv/Linear module: output positions per sample (H*W for convs, tokens for linears)."""
+    """Per Conv/Linear module: positions per sample its weight is applied at (H*W for convs, tokens for linears)."""
     out: dict[str, int] = {}
     hooks = []
     for name, m in model.named_modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
+        if isinstance(m, nn.modules.conv._ConvNd):  # a transposed conv's MACs scale with its *input* positions
             hooks.append(m.register_forward_hook(
-                lambda mod, i, o, n=name: out.__setitem__(n, int(o.shape[2:].numel()))))
+                lambda mod, i, o, n=name: out.__setitem__(
+                    n, int((i[0] if mod.transposed else o).shape[2:].numel()))))
         elif isinstance(m, nn.Linear):
             hooks.append(m.register_forward_hook(
                 lambda mod, i, o, n=name: out.__setitem__(n, int(o.numel() // o.shape[0] // o.shape[-1])
                                                           if o.dim() > 1 else 1)))
     try:
-        with torch.no_grad():
-            was = model.training
-            model.eval()
+        with torch.no_grad(), eval_mode(model):
             _forward(model, example_inputs)
-            model.train(was)
     finally:
         for h in hooks:
             h.remove()

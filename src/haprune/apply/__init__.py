@@ -54,7 +54,7 @@ def apply_plan(
     if implant_init == "lstsq" and calibration is None and any(g.implant for g in plan.groups.values()):
         raise ValueError("implant_init='lstsq' needs calibration batches (inputs the model accepts)")
     work = copy.deepcopy(model)
-    was_training = work.training
+    modes = {name: m.training for name, m in work.named_modules()}
     work.eval()
     with torch.no_grad():
         ref_shapes = _output_shapes(_forward(work, example_inputs))
@@ -90,7 +90,8 @@ def apply_plan(
         shapes = _output_shapes(_forward(work, example_inputs))
     if shapes != ref_shapes:
         raise RuntimeError(f"surgery changed the output shape from {ref_shapes} to {shapes}; please report this")
-    work.train(was_training)
+    for name, m in work.named_modules():  # every submodule's own flag back (implants follow the conv they replace)
+        m.training = modes.get(name, modes.get(name.rpartition(".")[0], m.training))
     if inplace:
         model.__dict__.update(work.__dict__)
         return model

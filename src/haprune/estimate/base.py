@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..graph import StructureSet
+from ..graph import StructureSet, eval_mode  # noqa: F401  (re-exported)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -116,22 +116,6 @@ def apply_score_rule(rule: str, model: nn.Module, structures: StructureSet, trac
             raise ValueError("score rule 'obd' needs a per-element diagonal; this criterion gives none")
         return 0.5 * structures.reduce({n: diag[n].double() * wsq[n].to(diag[n].device) for n in diag})
     raise ValueError(f"unknown score rule {rule!r}; choose one of {', '.join(SCORE_RULES)}")
-
-
-class eval_mode:
-    """Context: model in eval mode (BatchNorm uses running statistics, as in the paper); restores the mode."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.training = self.model.training
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc):
-        self.model.train(self.training)
-        return False
 
 
 def model_device(model: nn.Module) -> torch.device:
