@@ -233,7 +233,7 @@ def make_plan(
     which = 0 if budget == "params" else 1
     dense = cost.dense()[which]
 
-    def decide(n_remove: int, skip: frozenset[int] = frozenset()):
+    def decide(n_remove: int, skip: frozenset[int] = frozenset(), n_impl: int | None = None):
         removed: list[list[int]] = [[] for _ in names]
         rest, last = [], -1
         count = 0
@@ -245,7 +245,7 @@ def make_plan(
                 last = j
             else:
                 rest.append(j)
-        n_impl = int(round(implant_ratio * count))
+        n_impl = int(round(implant_ratio * count)) if n_impl is None else n_impl
         implanted: list[list[int]] = [[] for _ in names]
         for j in rest:
             if n_impl <= 0:
@@ -284,6 +284,14 @@ def make_plan(
             break
         # the last structure overshoots the budget: keep it and take the next ones in rank order instead
         skip = skip | {candidate[2]}
+    if not target - tolerance <= best[3] <= target + tolerance and implant_ratio > 0:
+        # an implant of a large structure can jump past the budget: try fewer implants near the boundary
+        n0 = sum(len(r) for r in best[0])
+        for n in range(max(0, n0 - 3), n0 + 4):
+            for k in range(int(round(implant_ratio * n)), -1, -1):
+                candidate = decide(n, skip, k)
+                if abs(candidate[3] - target) < abs(best[3] - target):
+                    best = candidate
     removed, implanted, _, frac = best
     if abs(frac - target) > tolerance and target > 0:
         raise BudgetError(f"the plan removes {frac:.2%} of {budget}, not within {tolerance:.0%} of {target:.0%}; "
