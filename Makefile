@@ -30,7 +30,7 @@ demo: install data
 	$(PY) -m haprune.cli eval runs/demo
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest
 
 clean-demo:
 	rm -rf runs/demo
