@@ -12,13 +12,13 @@ import torch.nn as nn
 from haprune.apply import apply_plan
 from haprune.graph import build_structures
 from haprune.models import create_model
+from haprune.graph import eval_mode
 from haprune.plan import CostModel, GroupPlan, Plan, make_plan
 from haprune.report import (
     STRUCTURE_COLUMNS,
     build_report,
     count_flops,
     count_params,
-    evaluating,
     format_table,
     measure_latency,
     model_costs,
@@ -99,10 +99,10 @@ def test_measure_latency():
     assert not models["a"].training and models["b"].training  # modes restored
 
 
-def test_evaluating_restores_mixed_modes():
+def test_eval_mode_restores_mixed_modes():
     m = _tiny()
     m[1].eval()  # e.g. a frozen layer inside a training model
-    with evaluating(m):
+    with eval_mode(m):
         assert not any(x.training for x in m.modules())
     assert [x.training for x in m.modules()] == [True, True, False, True, True, True]
     with pytest.raises(ValueError, match="at least one model"):

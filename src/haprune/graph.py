@@ -15,9 +15,11 @@ input, a channel count baked into forward code).
 from __future__ import annotations
 
 import copy
+import itertools
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -240,24 +242,28 @@ def _module_names(model: nn.Module, names: Iterable[str]) -> list[nn.Module]:
     return [modules[n] for n in names]
 
 
-class eval_mode:
-    """Context: model in eval mode (BatchNorm uses running statistics, as in the paper).
+@contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Run the block with ``models`` in eval mode (BatchNorm uses running statistics, as in the paper).
 
-    Restores every submodule's own train/eval flag on exit (a model may mix them, e.g. frozen BatchNorm).
+    Restores every submodule's own train/eval flag on exit, so a mixed state (a model training with frozen
+    BatchNorm layers, say) survives, which ``model.train(was_training)`` would overwrite.
     """
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        return self.model
-
-    def __exit__(self, *exc):
-        for m, training in self.modes:
+    flags = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
             m.training = training
-        return False
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model with neither)."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def build_dependency_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:

@@ -34,7 +34,7 @@ from ._fileio import atomic_save_safetensors, atomic_write_bytes, atomic_write_t
 from .apply import PlanMismatchError, apply_plan
 from .graph import _forward
 from .plan import Plan
-from .report import evaluating
+from .graph import eval_mode
 
 PLAN_FILE = "plan.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -183,7 +183,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[s
     conv + concat).
     """
     inputs = _as_tuple(example_inputs)
-    with evaluating(model):
+    with eval_mode(model):
         with torch.no_grad():
             n_out = len(_flatten_outputs(_forward(model, inputs)))
         in_names = _names("input", len(inputs))
@@ -246,7 +246,7 @@ def onnx_matches(model: nn.Module, path: str | os.PathLike[str], inputs: Any, at
     feed = {i.name: a.detach().cpu().numpy() for i, a in zip(session.get_inputs(), args)}
     got = [torch.from_numpy(g).double() for g in session.run(None, feed)]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    with evaluating(model), _no_tf32(), torch.inference_mode():
+    with eval_mode(model), _no_tf32(), torch.inference_mode():
         ref = [r.detach().cpu().double() for r in _flatten_outputs(_forward(model, tuple(a.to(device) for a in args)))]
     if len(got) != len(ref):
         raise OnnxMismatchError(f"{path} has {len(got)} outputs, the model {len(ref)}")

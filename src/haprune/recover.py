@@ -22,6 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
+from .graph import model_device
 from ._fileio import PathLike, atomic_save_safetensors, atomic_write_json
 from .data import Batches, as_image_dataset
 from .data import batches as make_batches
@@ -42,13 +43,6 @@ class NonFiniteLossError(RuntimeError):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation and BatchNorm re-estimation
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (CPU for a model with neither)."""
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 @contextmanager

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ._fileio import atomic_write_json
-from .graph import _forward
+from .graph import _forward, eval_mode
 from .plan import Plan
 
 if TYPE_CHECKING:
@@ -37,7 +37,6 @@ __all__ = [
     "count_params",
     "count_flops",
     "model_costs",
-    "evaluating",
     "measure_latency",
     "num_threads",
     "structure_table",
@@ -73,7 +72,7 @@ def count_flops(model: nn.Module, example_inputs: Any) -> int:
     hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd,
                                                                                         nn.Linear))]
     try:
-        with evaluating(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             _forward(model, example_inputs)
     finally:
         for h in hooks:
@@ -107,23 +106,6 @@ def model_costs(model: nn.Module, example_inputs: Any) -> dict[str, int]:
     return {"params": count_params(model), "flops": count_flops(model, example_inputs)}
 
 
-@contextmanager
-def evaluating(*models: nn.Module) -> Iterator[None]:
-    """Run the block with ``models`` in eval mode, then restore every submodule's own train/eval flag.
-
-    Restoring per submodule keeps a mixed state intact (a model training with frozen BatchNorm layers, say),
-    which ``model.train(was_training)`` would overwrite.
-    """
-    flags = [(m, m.training) for model in models for m in model.modules()]
-    for model in models:
-        model.eval()
-    try:
-        yield
-    finally:
-        for m, training in flags:
-            m.training = training
-
-
 # ---------------------------------------------------------------------------------------------------- latency
 
 def measure_latency(models: Mapping[str, nn.Module], example_input: Any, *, threads: int | None = None,
@@ -143,7 +125,7 @@ def measure_latency(models: Mapping[str, nn.Module], example_input: Any, *, thre
     names = list(models)
     sync = _synchronizer(example_input)
     times: dict[str, list[float]] = {n: [] for n in names}
-    with evaluating(*models.values()), num_threads(threads), torch.inference_mode():
+    with eval_mode(*models.values()), num_threads(threads), torch.inference_mode():
         for r in range(warmup + repeats):
             for k in range(len(names)):
                 name = names[(r + k) % len(names)]

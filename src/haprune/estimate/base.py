@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..graph import StructureSet, eval_mode  # noqa: F401  (re-exported)
+from ..graph import StructureSet, eval_mode, model_device  # noqa: F401  (re-exported)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -116,11 +116,6 @@ def apply_score_rule(rule: str, model: nn.Module, structures: StructureSet, trac
             raise ValueError("score rule 'obd' needs a per-element diagonal; this criterion gives none")
         return 0.5 * structures.reduce({n: diag[n].double() * wsq[n].to(diag[n].device) for n in diag})
     raise ValueError(f"unknown score rule {rule!r}; choose one of {', '.join(SCORE_RULES)}")
-
-
-def model_device(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def relative_stderr(mean: torch.Tensor, m2: torch.Tensor, n: int) -> torch.Tensor:
