@@ -206,3 +206,49 @@ def test_unsupported_layer_refuses_its_group_and_names_the_fix():
     why = dict(S.refused)["a"]
     assert "GroupNorm" in why and "ignored_layers" in why
     assert S.names == ["b"]
+
+
+class ScatterImplant(nn.Module):
+    """The official formulation: full-width k x k output, implanted channels overwritten by a 1x1 conv."""
+
+    def __init__(self, conv: nn.Conv2d, implant: nn.Conv2d, positions: list[int]):
+        super().__init__()
+        self.conv, self.implant, self.positions = conv, implant, positions
+
+    def forward(self, x):
+        out = self.conv(x).clone()
+        out[:, self.positions] = self.implant(x)
+        return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_permuted_implants_equal_the_scatter_formulation(seed):
+    net, x, S, cost = setup(seed, widths=(6, 8, 10), blocks=2)
+    scores = torch.rand(S.num_structures, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    plan = make_plan(S, scores, cost, 0.4, implant_ratio=0.5, tolerance=0.2)
+    assert plan.counts()["implanted"] > 0
+    calib = [(torch.randn(8, 1, 10, 10), None)]
+    ours = apply_plan(net, plan, x, structures=S, implant_init="lstsq", calibration=calib)  # non-zero implants
+    ref = apply_plan(net, Plan({n: GroupPlan(g.size, g.remove) for n, g in plan.groups.items()}), x, structures=S)
+    for name, gp in plan.groups.items():
+        if not gp.implant:
+            continue
+        alive = sorted(gp.keep + gp.implant)
+        positions = [alive.index(c) for c in sorted(gp.implant)]
+        for conv_name in S[name].implantable:
+            implant = copy.deepcopy(ours.get_submodule(conv_name).implant)
+            # our model orders an implanted input group as [kept | implanted]; the reference keeps index order
+            for g in S:
+                if any(sl.tensor == f"{conv_name}.weight" and sl.dim == 1 for sl in g.slices):
+                    gp_in = plan.groups[g.name]
+                    ours_order = gp_in.keep + gp_in.implant if gp_in.implant else sorted(gp_in.keep)
+                    ref_order = sorted(gp_in.keep + gp_in.implant)
+                    src = [ours_order.index(c) for c in ref_order]
+                    with torch.no_grad():
+                        implant.weight.copy_(implant.weight[:, src])
+            parent, _, leaf = conv_name.rpartition(".")
+            setattr(ref.get_submodule(parent) if parent else ref, leaf,
+                    ScatterImplant(ref.get_submodule(conv_name), implant, positions))
+    xb = torch.randn(3, 1, 10, 10)
+    torch.testing.assert_close(ours(xb), ref(xb), rtol=1e-5, atol=1e-5)
+    assert not any(isinstance(m, ScatterImplant) for m in ours.modules())

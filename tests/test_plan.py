@@ -106,3 +106,16 @@ def test_nan_scores_and_wrong_shapes_are_refused():
 def test_unreachable_target_says_what_to_change():
     with pytest.raises(BudgetError, match="max_layer_ratio"):
         make_plan(S, torch.rand(S.num_structures, dtype=torch.float64), COST, 0.9, max_layer_ratio=0.3)
+
+
+@pytest.mark.parametrize("multiple", [4, 8])
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
+def test_round_to_gives_round_widths_and_still_meets_the_budget(multiple, target):
+    scores = torch.rand(S.num_structures, generator=torch.Generator().manual_seed(multiple), dtype=torch.float64)
+    plan = make_plan(S, scores, COST, target, round_to=multiple, implant_ratio=0.1)
+    assert abs(plan.achieved["params_removed"] - target) <= 0.01
+    for g in S:
+        gp = plan.groups[g.name]
+        alive = len(gp.keep) + len(gp.implant)
+        assert alive == g.size or alive % multiple == 0, (g.name, alive)
+    assert Plan.from_json(plan.to_json()).round_to == multiple

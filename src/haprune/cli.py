@@ -140,7 +140,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     plan = make_plan(structures, sens.scores, cost, args.target, budget=args.budget,
                      max_layer_ratio=args.max_layer_ratio, min_channels=args.min_channels,
                      implant_ratio=args.implant_ratio, implant_kind=args.implant_kind,
-                     criterion=sens.criterion, seed=args.seed)
+                     criterion=sens.criterion, seed=args.seed, round_to=args.round_to)
 
     # 3. apply
     calib_fit = batches(data.train, args.calib_batch_size, shuffle=True, seed=args.seed, limit=args.calib_batches * args.calib_batch_size, device=device)
@@ -296,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-channels", type=int, default=1, help="channels every group keeps (default: %(default)s)")
     p.add_argument("--ignore", nargs="*", default=None,
                    help="fully-qualified names of layers whose outputs are kept (default: the classifier)")
+    p.add_argument("--round-to", type=int, default=1,
+                   help="keep every group's width a multiple of this (e.g. 8) for faster kernels (default: %(default)s)")
     p.add_argument("--implant-ratio", type=float, default=0.0,
                    help="Neural Implants per removed structure, e.g. 0.1 (default: %(default)s = none)")
     p.add_argument("--implant-kind", choices=IMPLANT_KINDS, default="1x1", help="(default: %(default)s)")

@@ -56,6 +56,7 @@ class Plan:
     achieved: dict[str, float] = field(default_factory=dict)  # params/flops before, after, removed fractions
     criterion: str = ""
     seed: int = 0
+    round_to: int = 1
     version: int = PLAN_VERSION
 
     def counts(self) -> dict[str, int]:
@@ -181,6 +182,21 @@ def _output_positions(model: nn.Module, example_inputs: Any) -> dict[str, int]:
 
 # ---------------------------------------------------------------------------------------------------- solver
 
+def _round_removals(removed: list[int], ranked: list[int], size: int, cap: int, multiple: int) -> list[int]:
+    """Adjust one group's removals so its remaining width is a multiple of ``multiple`` (or the full width).
+
+    Rounds the remaining width to the nearest allowed value (never removing more than ``cap``); extra removals
+    take the group's next least important channels, restored ones are its most important removed ones.
+    """
+    if not removed:
+        return removed
+    alive = size - len(removed)
+    options = [w for w in range(multiple, size + 1, multiple) if size - w <= cap] + [size]
+    width = min(options, key=lambda w: (abs(w - alive), -w))
+    n = size - width
+    return ranked[:n]
+
+
 def make_plan(
     structures: StructureSet,
     scores: torch.Tensor,
@@ -195,6 +211,7 @@ def make_plan(
     criterion: str = "",
     seed: int = 0,
     tolerance: float = 0.01,
+    round_to: int = 1,
 ) -> Plan:
     """Remove the least important structures until ``target`` of the params (or FLOPs) is gone.
 
@@ -206,6 +223,9 @@ def make_plan(
         implant_ratio: implant this many structures per removed one (e.g. 0.1), the next most important ones
             above the removal threshold among groups that can take an implant.
         tolerance: the achieved fraction must be within this of the target, else :class:`BudgetError`.
+        round_to: every group's remaining width (kept + implanted) is a multiple of this, or the full width
+            (many kernels run faster on round widths); removals per group are rounded to the nearest such width
+            using the group's own ranking, then the global search meets the budget as usual.
     Ties are broken by group order then channel index, so a plan is deterministic for given scores.
     """
     if not 0.0 <= target < 1.0 or math.isnan(target):
@@ -228,7 +248,13 @@ def make_plan(
     gof = torch.cat([torch.full((g.size,), i, dtype=torch.long) for i, g in enumerate(structures)])
     cof = torch.cat([torch.arange(g.size) for g in structures])
     order = sorted(range(structures.num_structures), key=lambda j: (float(scores[j]), int(gof[j]), int(cof[j])))
+    if round_to < 1:
+        raise ValueError(f"round_to must be a positive integer, got {round_to}")
     caps = [min(int(math.floor(max_layer_ratio * g.size + 1e-9)), g.size - min_channels) for g in structures]
+    # each group's channels from least to most important, for rounding widths within a group
+    ranked_in_group: list[list[int]] = [[] for _ in structures]
+    for j in order:
+        ranked_in_group[int(gof[j])].append(int(cof[j]))
     implantable = [bool(g.implantable) for g in structures]
     which = 0 if budget == "params" else 1
     dense = cost.dense()[which]
@@ -245,6 +271,12 @@ def make_plan(
                 last = j
             else:
                 rest.append(j)
+        if round_to > 1:
+            removed = [_round_removals(r, ranked_in_group[gi], structures.groups[gi].size, caps[gi], round_to)
+                       for gi, r in enumerate(removed)]
+            gone = {(gi, c) for gi, r in enumerate(removed) for c in r}
+            rest = [j for j in order if (int(gof[j]), int(cof[j])) not in gone]
+            count = sum(len(r) for r in removed)
         n_impl = int(round(implant_ratio * count)) if n_impl is None else n_impl
         implanted: list[list[int]] = [[] for _ in names]
         for j in rest:
@@ -302,6 +334,7 @@ def make_plan(
     plan = Plan(
         groups={n: GroupPlan(g.size, sorted(r), sorted(i)) for n, g, r, i in zip(names, structures, removed, implanted)},
         implant_kind=implant_kind, target=target, budget=budget, criterion=criterion, seed=seed,
+        round_to=round_to,
         achieved={"params_before": p0, "params_after": p_after, "params_removed": 1 - p_after / p0,
                   "flops_before": f0, "flops_after": f_after, "flops_removed": 1 - f_after / max(f0, 1)},
     )
