@@ -1,0 +1,159 @@
+"""Does pruning make models faster? CPU latency of dense vs pruned models, eager PyTorch and ONNX Runtime.
+
+    python benchmarks/latency.py            # full: ResNet-56 and VGG-16-BN, 28x28 and 32x32, all variants
+    python benchmarks/latency.py --quick    # ResNet-56, 28x28, 50%, batch 64, 2 threads (under a minute)
+
+For each model and input size: the dense model and pruned variants at 30/50/70% of parameters removed
+(removal only, 1x1 implants, separable implants, removal with widths rounded to 8), planned with the ``l2``
+criterion (latency does not depend on which criterion chose the channels, only on the widths). Every variant
+of one setting (batch size, threads, runtime) is timed in interleaved rounds so machine noise hits all alike;
+each row reports median and p10/p90, the speed-up over dense, the FLOPs reduction (dense FLOPs / pruned FLOPs)
+and their ratio (1.0 = latency follows FLOPs). Results: ``docs/results/latency[_quick].json`` and
+``docs/results/latency[_quick].md``, the Markdown generated from the JSON (``--tables-only`` rebuilds it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from haprune import CostModel, apply_plan, build_structures, make_plan
+from haprune._fileio import atomic_write_json, atomic_write_text
+from haprune.estimate import estimate
+from haprune.io import export_onnx
+from haprune.models import create_model
+from haprune.recover import load_checkpoint_weights
+from haprune.report import measure_latency, model_costs
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+
+# variant name -> make_plan options (besides the target)
+VARIANTS = {
+    "remove": {},
+    "implant-1x1": {"implant_ratio": 0.1, "implant_kind": "1x1"},
+    "implant-separable": {"implant_ratio": 0.1, "implant_kind": "separable"},
+    "remove-round8": {"round_to": 8},
+}
+
+
+class OrtModule(nn.Module):
+    """An ONNX Runtime session behind an nn.Module call, so one timer interleaves both runtimes."""
+
+    def __init__(self, path: Path, threads: int):
+        super().__init__()
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input: x.numpy()})[0])
+
+
+def build_variants(name: str, size: int, targets: list[float], variants: list[str]) -> dict[str, nn.Module]:
+    in_ch = 1 if size == 28 else 3
+    model = create_model(name, in_channels=in_ch, num_classes=10).eval()
+    ckpt = ROOT / "checkpoints" / f"{name}-fmnist.safetensors"
+    if in_ch == 1 and (ckpt.exists() or list(ckpt.parent.glob(f"{ckpt.stem}-0*"))):
+        load_checkpoint_weights(model, ckpt)
+    x = torch.randn(1, in_ch, size, size)
+    structures = build_structures(model, x)
+    scores = estimate(model, structures, [(x, torch.zeros(1, dtype=torch.long))], "l2", progress=False).scores
+    cost = CostModel(model, structures, x)
+    out = {"dense": model}
+    for t in targets:
+        for v in variants:
+            plan = make_plan(structures, scores, cost, t, **VARIANTS[v])
+            out[f"{v}@{int(round(t * 100))}"] = apply_plan(model, plan, x, structures=structures).eval()
+    return out
+
+
+def bench(name: str, size: int, targets: list[float], variants: list[str], batches: list[int], threads: list[int],
+          runtimes: list[str], repeats: int, done: dict) -> None:
+    models = build_variants(name, size, targets, variants)
+    in_ch = 1 if size == 28 else 3
+    flops = {k: model_costs(m, torch.randn(1, in_ch, size, size))["flops"] for k, m in models.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        if "onnx" in runtimes:
+            for k, m in models.items():
+                paths[k] = export_onnx(m, torch.randn(1, in_ch, size, size), Path(tmp) / f"{k}.onnx")
+        for runtime in runtimes:
+            for b in batches:
+                for th in threads:
+                    key = f"{name}/{size}/{runtime}/b{b}/t{th}"
+                    if key in done:
+                        continue
+                    timed = models if runtime == "eager" else {k: OrtModule(p, th) for k, p in paths.items()}
+                    x = torch.randn(b, in_ch, size, size)
+                    lat = measure_latency(timed, x, threads=th, repeats=repeats, warmup=3)
+                    rows = []
+                    for k, r in lat.items():
+                        speed = lat["dense"]["median_ms"] / r["median_ms"]
+                        red = flops["dense"] / flops[k]
+                        rows.append({"variant": k, **r, "speedup": speed, "flops_reduction": red,
+                                     "speedup_over_flops_reduction": speed / red})
+                    done[key] = {"model": name, "size": size, "runtime": runtime, "batch": b, "threads": th,
+                                 "rows": rows}
+                    print(f"{key}: " + ", ".join(f"{r['variant']} {r['speedup']:.2f}x/{r['flops_reduction']:.2f}x"
+                                                 for r in rows), flush=True)
+                    yield
+
+
+def tables(results: dict, meta: dict) -> str:
+    out = ["# CPU latency of pruned models", "",
+           f"Generated by `python benchmarks/latency.py{' --quick' if meta.get('quick') else ''}` "
+           f"(Markdown from the JSON beside it). Machine: {meta.get('machine')}, torch {meta.get('torch')}.",
+           "Speed-up = dense median / pruned median; FLOPs reduction = dense FLOPs / pruned FLOPs; ratio = "
+           "speed-up / FLOPs reduction (1.0: latency follows FLOPs). Variants `kind@P`: P% of parameters removed.",
+           ""]
+    for key, entry in results.items():
+        out += [f"## {entry['model']}, {entry['size']}x{entry['size']}, {entry['runtime']}, batch {entry['batch']}, "
+                f"{entry['threads']} thread(s)", "",
+                "| variant | median ms | p10-p90 ms | speed-up | FLOPs reduction | ratio |", "|---|---|---|---|---|---|"]
+        for r in entry["rows"]:
+            out.append(f"| {r['variant']} | {r['median_ms']:.2f} | {r['p10_ms']:.2f}-{r['p90_ms']:.2f} | "
+                       f"{r['speedup']:.2f}x | {r['flops_reduction']:.2f}x | {r['speedup_over_flops_reduction']:.2f} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--tables-only", action="store_true")
+    p.add_argument("--repeats", type=int, default=None)
+    a = p.parse_args(argv)
+    stem = "latency_quick" if a.quick else "latency"
+    path = RESULTS / f"{stem}.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    meta = data.setdefault("meta", {"quick": a.quick, "machine": f"{platform.machine()}, {torch.get_num_threads()} "
+                                    "torch threads available", "torch": torch.__version__})
+    results = data.setdefault("results", {})
+    if not a.tables_only:
+        if a.quick:
+            plan = [("resnet56", 28, [0.5], ["remove", "implant-1x1"], [64], [2], ["eager", "onnx"], a.repeats or 8)]
+        else:
+            plan = [(m, s, [0.3, 0.5, 0.7], list(VARIANTS), [1, 64], [1, 2], ["eager", "onnx"], a.repeats or 15)
+                    for m in ("resnet56", "vgg16_bn") for s in (28, 32)]
+        for args in plan:
+            for _ in bench(*args, done=results):
+                atomic_write_json(path, data)  # resumable: finished settings are skipped next time
+    atomic_write_text(RESULTS / f"{stem}.md", tables(results, meta))
+    print((RESULTS / f"{stem}.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
