@@ -327,7 +327,9 @@ def make_plan(
     removed, implanted, _, frac = best
     if abs(frac - target) > tolerance and target > 0:
         raise BudgetError(f"the plan removes {frac:.2%} of {budget}, not within {tolerance:.0%} of {target:.0%}; "
-                          "the structures are too coarse for this target")
+                          "the structures are too coarse for this target"
+                          + (f" with round_to={round_to}; use a smaller round_to" if round_to > 1 else "")
+                          + " (or pass a larger tolerance)")
     alive = [g.size - len(r) for g, r in zip(structures, removed)]
     p_after, f_after = cost.count(alive, [len(i) for i in implanted], implant_kind)
     p0, f0 = cost.dense()
