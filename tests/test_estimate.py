@@ -170,3 +170,9 @@ def test_model_is_not_modified_and_mode_restored():
     estimate(net, S, [(x, y)], "hutchinson", progress=False, max_probes=3)
     assert net.training
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_auto_ignores_hutchinson_options_when_it_chooses_ggn():
+    net, x, y, S = small_problem()
+    s = estimate(net, S, [(x, y)], "auto", progress=False, max_probes=5, tol=0.1)
+    assert s.info["auto"]["chose"] == "ggn" and s.info["exact"]

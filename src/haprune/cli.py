@@ -113,8 +113,11 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 
 
 def _criterion_options(args: argparse.Namespace) -> dict[str, Any]:
-    if args.criterion == "hutchinson" or (args.criterion == "auto" and args.max_probes is not None):
+    """Hutchinson's options, when given (``auto`` passes them on only if it chooses Hutchinson)."""
+    if args.criterion in ("hutchinson", "auto"):
         return {k: v for k, v in {"max_probes": args.max_probes, "tol": args.tol}.items() if v is not None}
+    if args.max_probes is not None or args.tol is not None:
+        raise CLIError(f"--max-probes and --tol apply to --criterion hutchinson (or auto), not {args.criterion}")
     return {}
 
 
@@ -143,7 +146,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
                      criterion=sens.criterion, seed=args.seed, round_to=args.round_to)
 
     # 3. apply
-    calib_fit = batches(data.train, args.calib_batch_size, shuffle=True, seed=args.seed, limit=args.calib_batches * args.calib_batch_size, device=device)
+    calib_fit = batches(data.train, args.calib_batch_size, shuffle=True, seed=args.seed,
+                        limit=args.calib_batches * args.calib_batch_size, device=device)
     pruned = apply_plan(dense, plan, example, structures=structures, implant_init=args.implant_init,
                         calibration=calib_fit)
 

@@ -18,6 +18,7 @@ The model is evaluated in eval mode (BatchNorm running statistics, as in the pap
 """
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Any, Iterable
 
@@ -62,6 +63,15 @@ def choose_auto(model: nn.Module, batches: list[Batch], loss: str, max_classes: 
     return "ggn", "every op is piecewise linear in each parameter: the GGN diagonal is the exact Hessian diagonal"
 
 
+def _accepted(criterion: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The options the chosen criterion's function takes (``auto`` may resolve to any of them)."""
+    fn = {"hutchinson": hutchinson, "ggn": ggn, "fisher": fisher}.get(criterion)
+    if fn is None:
+        return {}
+    names = inspect.signature(fn).parameters
+    return {k: v for k, v in options.items() if k in names}
+
+
 def estimate(
     model: nn.Module,
     structures: StructureSet,
@@ -98,6 +108,7 @@ def estimate(
         if criterion == "auto":
             criterion, why = choose_auto(model, data, loss_name, auto_max_classes)
             info["auto"] = {"chose": criterion, "why": why}
+            options = _accepted(criterion, options)  # e.g. max_probes only matters if auto chose hutchinson
         info["exact"] = False
         result: dict[str, Any]
         if criterion == "hutchinson":
