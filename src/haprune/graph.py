@@ -243,20 +243,28 @@ def _module_names(model: nn.Module, names: Iterable[str]) -> list[nn.Module]:
 
 
 @contextmanager
-def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Run the block with ``models`` in eval mode (BatchNorm uses running statistics, as in the paper).
+def preserved_modes(*models: nn.Module) -> Iterator[None]:
+    """Restore every submodule's own train/eval flag on exit.
 
-    Restores every submodule's own train/eval flag on exit, so a mixed state (a model training with frozen
-    BatchNorm layers, say) survives, which ``model.train(was_training)`` would overwrite.
+    A mixed state (a model training with frozen BatchNorm layers, say) survives, which
+    ``model.train(was_training)`` would overwrite.
     """
     flags = [(m, m.training) for model in models for m in model.modules()]
-    for model in models:
-        model.eval()
     try:
         yield
     finally:
         for m, training in flags:
             m.training = training
+
+
+@contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Run the block with ``models`` in eval mode (BatchNorm uses running statistics, as in the paper);
+    every submodule's own flag comes back afterwards (:func:`preserved_modes`)."""
+    with preserved_modes(*models):
+        for model in models:
+            model.eval()
+        yield
 
 
 def model_device(model: nn.Module) -> torch.device:

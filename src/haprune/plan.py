@@ -111,12 +111,13 @@ class CostModel:
         gidx = {g.name: i for i, g in enumerate(structures)}
         spatial = _output_positions(model, example_inputs)
         coupled: dict[str, dict[int, tuple[int, int, int]]] = {}
+        params = dict(model.named_parameters())
         for g in structures:
             for s in g.slices:
-                shape = dict(model.named_parameters()).get(s.tensor)
-                if shape is None:
+                param = params.get(s.tensor)
+                if param is None:  # a buffer (BatchNorm statistics): no parameters to count
                     continue
-                full = shape.shape[s.dim]
+                full = param.shape[s.dim]
                 mult = s.multiplicity
                 coupled.setdefault(s.tensor, {})[s.dim] = (gidx[g.name], mult, full - len(s.idxs))
         implant_out = {m: gidx[g.name] for g in structures for m in g.implantable}

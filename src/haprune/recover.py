@@ -9,10 +9,9 @@ import itertools
 import json
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -22,10 +21,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import TensorDataset
 from tqdm.auto import tqdm
 
-from .graph import model_device
 from ._fileio import PathLike, atomic_save_safetensors, atomic_write_json
 from .data import Batches, as_image_dataset
 from .data import batches as make_batches
+from .graph import model_device, preserved_modes
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 EvalData = Union[TensorDataset, Iterable[Batch]]
@@ -43,17 +42,6 @@ class NonFiniteLossError(RuntimeError):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation and BatchNorm re-estimation
-
-
-@contextmanager
-def preserved_modes(model: nn.Module) -> Iterator[None]:
-    """Restore every submodule's train/eval flag on exit (a model may mix them, e.g. frozen BatchNorm)."""
-    modes = [(module, module.training) for module in model.modules()]
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _eval_batches(data: EvalData, batch_size: int, device: torch.device) -> Iterable[Batch]:
