@@ -7,10 +7,11 @@ FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
 .PHONY: demo test install data clean-demo
 
-$(STAMP): pyproject.toml requirements/env.txt
+$(STAMP): pyproject.toml requirements/env.txt requirements/nodeps.txt
 	python3 -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements/env.txt -e '.[dev]'
+	$(PY) -m pip install --quiet -r requirements/env.txt -e '.[dev,hf]'
+	$(PY) -m pip install --quiet --no-deps -r requirements/nodeps.txt
 	touch $(STAMP)
 
 install: $(STAMP)

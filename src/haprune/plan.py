@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from .graph import StructureSet, _forward, eval_mode
 
-IMPLANT_KINDS = ("1x1", "separable")
+IMPLANT_KINDS = ("1x1", "separable")  # CNN implants; haprune.hf plans use "lowrank" (attention heads)
 PLAN_VERSION = 1
 
 
@@ -57,6 +57,7 @@ class Plan:
     criterion: str = ""
     seed: int = 0
     round_to: int = 1
+    implant_rank: int = 0  # head dimension of implanted attention heads (haprune.hf); 0 for CNN plans
     version: int = PLAN_VERSION
 
     def counts(self) -> dict[str, int]:

@@ -1,0 +1,89 @@
+"""Recovery for transformers: AdamW fine-tuning with linear warm-up and decay, optional distillation from the
+dense model, evaluation. Small on purpose: the heavy lifting is Hugging Face's modules."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..graph import preserved_modes
+from ..recover import NonFiniteLossError, distillation_loss
+from .text import TextData, text_batches
+
+__all__ = ["TextFinetuneConfig", "finetune_text", "evaluate_text"]
+
+
+@dataclass(frozen=True)
+class TextFinetuneConfig:
+    steps: int
+    lr: float = 5e-5
+    batch_size: int = 32
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1
+    distill_alpha: float = 0.0
+    distill_temperature: float = 2.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.lr <= 0 or self.batch_size < 1 or not 0 <= self.distill_alpha <= 1:
+            raise ValueError(f"invalid fine-tuning config {self}")
+
+
+@torch.no_grad()
+def evaluate_text(model: nn.Module, data: TextData, batch_size: int = 128) -> dict[str, float]:
+    loss, correct = 0.0, 0
+    with preserved_modes(model):
+        model.eval()
+        for x, y in text_batches(data, batch_size):
+            logits = model(x).float()
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(-1) == y).sum())
+    return {"loss": loss / len(data), "accuracy": correct / len(data)}
+
+
+def finetune_text(model: nn.Module, train: TextData, config: TextFinetuneConfig, *,
+                  teacher: nn.Module | None = None, progress: bool = True) -> dict[str, Any]:
+    """Train ``model`` (a ``model(x) -> logits`` module) in place for ``config.steps`` batches."""
+    torch.manual_seed(config.seed)
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+    warm = max(1, round(config.warmup_fraction * config.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (config.steps - s) / max(1, config.steps - warm))))
+    use_teacher = teacher is not None and config.distill_alpha > 0
+    if use_teacher:
+        teacher.eval()
+    start, step, epoch, total = time.perf_counter(), 0, 0, 0.0
+    bar = tqdm(total=config.steps, desc="fine-tune", disable=None if progress else True, leave=False)
+    with preserved_modes(model):
+        model.train()
+        while step < config.steps:
+            for x, y in text_batches(train, config.batch_size, shuffle=True, seed=config.seed * 1000 + epoch):
+                if step >= config.steps:
+                    break
+                logits = model(x).float()
+                t_logits = None
+                if use_teacher:
+                    with torch.no_grad():
+                        t_logits = teacher(x).float()
+                loss = distillation_loss(logits, y, t_logits, config.distill_alpha, config.distill_temperature, 0.0)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(f"loss became {loss.item()} at step {step}; lower the learning rate")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss)
+                step += 1
+                bar.update(1)
+            epoch += 1
+    bar.close()
+    return {"steps": step, "mean_loss": total / max(1, step), "seconds": time.perf_counter() - start,
+            "config": asdict(config)}
