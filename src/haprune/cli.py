@@ -1,7 +1,8 @@
 """The ``haprune`` command line: parses options, runs estimate -> plan -> apply -> recover -> report, prints.
 
 Subcommands: ``train`` (a baseline), ``sensitivity`` (scores only), ``prune`` (the whole pipeline, writing an
-output folder), ``eval`` (reload an output folder and measure it). ``haprune <command> --help`` explains each
+output folder), ``eval`` (reload an output folder and measure it), ``prune-hf`` (heads / FFN neurons of a Hugging
+Face classifier, :mod:`haprune.hf.cli`). ``haprune <command> --help`` explains each
 option. The reference models come from :mod:`haprune.models` and the data sets from :mod:`haprune.data`;
 for your own model use the Python API (see README.md).
 """
@@ -326,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-limit", type=int, default=None)
     _add_data_args(p)
     p.set_defaults(func=cmd_eval, dataset=None)
+
+    from .hf.cli import add_parser as add_prune_hf  # imports transformers only when run
+
+    add_prune_hf(sub)
     return parser
 
 

@@ -80,7 +80,7 @@ def finetune_text(model: nn.Module, train: TextData, config: TextFinetuneConfig,
                 loss.backward()
                 opt.step()
                 sched.step()
-                total += float(loss)
+                total += float(loss.detach())
                 step += 1
                 bar.update(1)
             epoch += 1
