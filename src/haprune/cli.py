@@ -116,9 +116,14 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
 def _criterion_options(args: argparse.Namespace) -> dict[str, Any]:
     """Hutchinson's options, when given (``auto`` passes them on only if it chooses Hutchinson)."""
     if args.criterion in ("hutchinson", "auto"):
-        return {k: v for k, v in {"max_probes": args.max_probes, "tol": args.tol}.items() if v is not None}
-    if args.max_probes is not None or args.tol is not None:
-        raise CLIError(f"--max-probes and --tol apply to --criterion hutchinson (or auto), not {args.criterion}")
+        if args.tol is not None and args.reliability is not None:
+            raise CLIError("--tol and --reliability are two stopping rules; pass one")
+        opts = {"max_probes": args.max_probes, "tol": args.tol, "reliability": args.reliability,
+                "stop": "stderr" if args.tol is not None else None}
+        return {k: v for k, v in opts.items() if v is not None}
+    if args.max_probes is not None or args.tol is not None or args.reliability is not None:
+        raise CLIError(f"--max-probes, --reliability and --tol apply to --criterion hutchinson (or auto), "
+                       f"not {args.criterion}")
     return {}
 
 
@@ -262,8 +267,11 @@ def _add_estimate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-batches", type=int, default=4, help="calibration batches (default: %(default)s)")
     p.add_argument("--calib-batch-size", type=int, default=128, help="(default: %(default)s)")
     p.add_argument("--max-probes", type=int, default=None, help="Hutchinson probe cap per batch (default: 300)")
+    p.add_argument("--reliability", type=float, default=None,
+                   help="Hutchinson stops when the split-half reliability of its ranking reaches this "
+                        "(default: 0.95)")
     p.add_argument("--tol", type=float, default=None,
-                   help="Hutchinson stops when every trace's relative standard error is below this (default: 0.05)")
+                   help="instead: stop when every trace's relative standard error is below this (slow)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -77,17 +77,55 @@ def _rademacher(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return (v.to(device=p.device, dtype=p.dtype) * 2 - 1)
 
 
+STOP_RULES = ("rank", "stderr")
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra, rb = (t.argsort().argsort().double() for t in (a, b))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = (ra.norm() * rb.norm()).item()
+    return float((ra @ rb).item() / den) if den > 0 else 1.0
+
+
+def split_half_reliability(even: torch.Tensor, odd: torch.Tensor, factor: torch.Tensor) -> float:
+    """Spearman-Brown reliability of a ranking from two independent half estimates (sums of equal counts).
+
+    r = Spearman(factor * even, factor * odd) between the halves; the full estimate's reliability is
+    2r / (1 + r): the expected rank correlation between two independent full-length runs.
+    """
+    r = _spearman(factor * even, factor * odd)
+    return 2 * r / (1 + r) if r > -1 else -1.0
+
+
 def hutchinson(model: nn.Module, structures: StructureSet, batches: list[Batch], *, loss_fn: LossFn = default_loss,
-               min_probes: int = 8, max_probes: int = 300, tol: float = 0.05, seed: int = 0,
-               progress: bool = True) -> dict[str, Any]:
+               min_probes: int = 16, max_probes: int = 300, stop: str = "rank", reliability: float = 0.95,
+               tol: float = 0.05, check_every: int = 8, seed: int = 0, progress: bool = True) -> dict[str, Any]:
     """Hutchinson estimates of each structure's Hessian block trace, averaged over calibration batches.
 
     For each batch: one backward with ``create_graph=True``; then probes v (Rademacher over the structures'
     parameters; zero elsewhere, which leaves E[v_s . (Hv)_s] = Tr(H_ss) unchanged and lowers the variance)
-    until the relative standard error of every structure's trace is below ``tol`` (after ``min_probes``) or
-    ``max_probes`` is reached. The per-element v * Hv average is returned too (a Hutchinson diagonal).
+    until the stopping rule holds (checked every ``check_every`` probes after ``min_probes``) or ``max_probes``
+    is reached. The per-element v * Hv average is returned too (a Hutchinson diagonal).
+
+    Stopping rules (``stop``):
+
+    - ``"rank"`` (default): the ranking is stable. The probes are split into two halves (even / odd); the
+      Spearman correlation r of the two halves' scores (trace * ||w_s||^2 / n_s, the ``hap`` rule) gives, by the
+      Spearman-Brown formula, the reliability 2r / (1 + r) of the full estimate; stop when it reaches
+      ``reliability`` at two checks in a row. What pruning needs is the order of the structures, not every trace to a few percent.
+    - ``"stderr"``: every structure's relative standard error below ``tol``. Rarely reachable: structures
+      with traces near zero need thousands of probes.
     """
+    if stop not in STOP_RULES:
+        raise ValueError(f"stop must be one of {STOP_RULES}, got {stop!r}")
+    if max_probes < 1:
+        raise ValueError(f"max_probes must be >= 1, got {max_probes}")
+    min_probes = max(2, min(min_probes, max_probes))
+    check_every = max(2, check_every + check_every % 2)
     names, params = structure_params(model, structures)
+    factor = (structures.reduce({n: p.detach().double() ** 2 for n, p in zip(names, params)})
+              / structures.numel()).to(params[0].device)
+    reliabilities: list[float] = []
     gen = torch.Generator().manual_seed(seed)
     total = sum(len(y) for _, y in batches)
     trace = torch.zeros(structures.num_structures, dtype=torch.float64)
@@ -103,6 +141,8 @@ def hutchinson(model: nn.Module, structures: StructureSet, batches: list[Batch],
         m2 = torch.zeros_like(mean)
         bdiag = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in zip(names, params)}
         n = 0
+        halves = [torch.zeros_like(mean), torch.zeros_like(mean)]
+        rel = float("nan")
         while n < max_probes:
             vs = [_rademacher(p, gen) for p in params]
             hvs = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=True)
@@ -114,8 +154,15 @@ def hutchinson(model: nn.Module, structures: StructureSet, batches: list[Batch],
             m2 += delta * (sample - mean)
             for nm in names:
                 bdiag[nm] += (elem[nm].double() - bdiag[nm]) / n
+            halves[n % 2] += sample
             bar.update(1)
-            if n >= min_probes and bool((relative_stderr(mean, m2, n) < tol).all()):
+            if n < min_probes or n % check_every:
+                continue
+            if stop == "rank":  # must hold at two checks in a row: one crossing can be luck
+                last, rel = rel, split_half_reliability(halves[0], halves[1], factor)
+                if rel >= reliability and last >= reliability:
+                    break
+            elif bool((relative_stderr(mean, m2, n) < tol).all()):
                 break
         bar.update(max_probes - n)
         del grads, loss
@@ -125,9 +172,13 @@ def hutchinson(model: nn.Module, structures: StructureSet, batches: list[Batch],
         for nm in names:
             diag[nm] += w * bdiag[nm].cpu()
         probes_used.append(n)
+        if stop == "rank":
+            reliabilities.append(round(split_half_reliability(halves[0], halves[1], factor), 4))
     bar.close()
-    return {"trace": trace, "stderr": var.sqrt(), "diag": diag,
-            "info": {"probes_per_batch": probes_used, "tol": tol, "max_probes": max_probes, "exact": False}}
+    info = {"probes_per_batch": probes_used, "stop": stop, "max_probes": max_probes, "exact": False}
+    info.update({"reliability_target": reliability, "reliability_per_batch": reliabilities} if stop == "rank"
+                else {"tol": tol})
+    return {"trace": trace, "stderr": var.sqrt(), "diag": diag, "info": info}
 
 
 def _split_params(model: nn.Module, names: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -150,10 +201,29 @@ def _squared_grads(model: nn.Module, names: list[str]):
         return F.cross_entropy(functional_call(model, (p, others), (x.unsqueeze(0),)), t.unsqueeze(0))
 
     per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    live = dict(model.named_parameters())
+    state = {"vmap": True}
+
+    def loop(acc: dict[str, torch.Tensor], x: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> None:
+        # per-sample autograd, for models whose forward vmap cannot trace (data-dependent control flow, .item(),
+        # as in Hugging Face models); slower per sample but exact and bounded in memory
+        plist = [live[n] for n in names]
+        for i in range(len(x)):
+            loss = F.cross_entropy(model(x[i:i + 1]), t[i:i + 1])
+            for n, g in zip(names, torch.autograd.grad(loss, plist)):
+                acc[n] += float(w[i]) * g.double().pow(2)
 
     def accumulate(acc: dict[str, torch.Tensor], x: torch.Tensor, t: torch.Tensor, w: torch.Tensor, size: int) -> None:
+        if not state["vmap"]:
+            return loop(acc, x, t, w)
         for s in range(0, len(x), size):
-            g = per_sample_grad(params, x[s:s + size], t[s:s + size])
+            try:
+                g = per_sample_grad(params, x[s:s + size], t[s:s + size])
+            except RuntimeError as e:
+                if "vmap" not in str(e) or s > 0:
+                    raise
+                state["vmap"] = False
+                return loop(acc, x, t, w)
             ws = w[s:s + size].double()
             for n, gn in g.items():
                 acc[n] += torch.einsum("b,b...->...", ws, gn.double().pow(2))

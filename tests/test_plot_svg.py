@@ -1,0 +1,113 @@
+"""benchmarks/plot_svg.py: the SVG parses, draws one polyline per series, puts larger y higher, draws error bars
+only where std > 0, escapes labels, survives degenerate data and labels the reference line."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NS = "{http://www.w3.org/2000/svg}"
+
+
+def _load_plot_svg():
+    spec = importlib.util.spec_from_file_location("haprune_plot_svg_bench", ROOT / "benchmarks" / "plot_svg.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+plot_svg = _load_plot_svg()
+
+
+def _plot(tmp_path: Path, series, **kwargs) -> ET.Element:
+    path = tmp_path / "plot.svg"
+    plot_svg.line_plot(series, path, title=kwargs.pop("title", "t"), xlabel="x", ylabel="y", **kwargs)
+    assert [p.name for p in tmp_path.iterdir()] == ["plot.svg"]  # no temp file left behind
+    return ET.parse(path).getroot()
+
+
+def _by_class(root: ET.Element, tag: str, cls: str) -> list[ET.Element]:
+    return [e for e in root.iter(NS + tag) if e.get("class") == cls]
+
+
+def _points(polyline: ET.Element) -> list[tuple[float, float]]:
+    return [tuple(map(float, pair.split(","))) for pair in polyline.get("points").split()]
+
+
+def test_parses_with_one_polyline_per_series(tmp_path):
+    series = {"hap": [(0.3, 90.0, 0.5), (0.5, 88.0, 0.7), (0.7, 80.0, 1.0)],
+              "l1": [(0.3, 89.0, 0.4), (0.5, 85.0, 0.6)]}
+    root = _plot(tmp_path, series)
+    assert root.tag == NS + "svg"
+    lines = _by_class(root, "polyline", "series")
+    assert [len(_points(p)) for p in lines] == [3, 2]
+    assert len({p.get("stroke") for p in lines}) == 2  # distinct colours
+    assert len(_by_class(root, "circle", "marker")) == 5
+    assert [t.text for t in _by_class(root, "text", "legend")] == ["hap", "l1"]
+    assert _by_class(root, "text", "title")[0].text == "t"
+    assert len(_by_class(root, "text", "xtick")) >= 2 and len(_by_class(root, "text", "ytick")) >= 2
+
+
+def test_larger_y_is_drawn_higher(tmp_path):
+    root = _plot(tmp_path, {"s": [(1.0, 10.0, 0.0), (2.0, 20.0, 0.0), (3.0, 15.0, 0.0)]})
+    (_, y10), (_, y20), (_, y15) = _points(_by_class(root, "polyline", "series")[0])
+    assert y20 < y15 < y10
+
+
+def test_error_bars_only_where_std_positive(tmp_path):
+    root = _plot(tmp_path, {"s": [(1.0, 10.0, 0.0), (2.0, 20.0, 2.0), (3.0, 15.0, 0.0)]})
+    bars = _by_class(root, "line", "errbar")
+    assert len(bars) == 1
+    (x2, y2) = _points(_by_class(root, "polyline", "series")[0])[1]
+    bar = bars[0]
+    assert float(bar.get("x1")) == pytest.approx(x2) == pytest.approx(float(bar.get("x2")))
+    lo, hi = sorted((float(bar.get("y1")), float(bar.get("y2"))))
+    assert lo < y2 < hi
+
+
+def test_special_characters_are_escaped(tmp_path):
+    label = "a<b & c>d"
+    root = _plot(tmp_path, {label: [(1.0, 1.0, 0.1), (2.0, 2.0, 0.1)]}, title="<&>")
+    assert "a&lt;b &amp; c&gt;d" in (tmp_path / "plot.svg").read_text(encoding="utf-8")
+    assert [t.text for t in _by_class(root, "text", "legend")] == [label]
+    assert _by_class(root, "text", "title")[0].text == "<&>"
+
+
+@pytest.mark.parametrize("series", [
+    {"one": [(0.5, 80.0, 0.0)]},
+    {"flat": [(0.1, 5.0, 0.0), (0.2, 5.0, 0.0), (0.3, 5.0, 0.0)]},
+    {"zero": [(0.0, 0.0, 0.0)]},
+    {"same-x": [(1.0, 2.0, 0.0), (1.0, 3.0, 0.0)]},
+])
+def test_degenerate_series_do_not_crash(tmp_path, series):
+    root = _plot(tmp_path, series)
+    for x, y in _points(_by_class(root, "polyline", "series")[0]):
+        assert 0 <= x <= 640 and 0 <= y <= 420
+
+
+def test_hline_label_appears(tmp_path):
+    root = _plot(tmp_path, {"s": [(0.3, 70.0, 1.0), (0.6, 60.0, 1.0)]}, hline=("dense <ref>", 80.1))
+    assert [t.text for t in _by_class(root, "text", "hline-label")] == ["dense <ref>"]
+    (line,) = _by_class(root, "line", "hline")
+    assert line.get("stroke-dasharray")
+    # the reference line is above every data point (80.1 > 71), inside the plot
+    assert float(line.get("y1")) < min(y for _, y in _points(_by_class(root, "polyline", "series")[0]))
+    assert float(line.get("y1")) > 0
+
+
+def test_ticks_are_nice(tmp_path):
+    root = _plot(tmp_path, {"s": [(0.27, 59.3, 0.0), (0.73, 81.2, 0.0)]})
+    for cls in ("xtick", "ytick"):
+        values = [float(t.text) for t in _by_class(root, "text", cls)]
+        steps = {round(b - a, 9) for a, b in zip(values, values[1:])}
+        assert len(values) >= 3 and len(steps) == 1
+        (step,) = steps
+        mantissa = step / 10 ** math.floor(math.log10(step))
+        assert round(mantissa, 6) in (1.0, 2.0, 5.0)
+        assert all(abs(v / step - round(v / step)) < 1e-6 for v in values)
