@@ -3,6 +3,7 @@
     python benchmarks/heads_minilm.py                  # the full run: 3 seeds x 4 targets x 5 criteria (CPU, ~2 h)
     python benchmarks/heads_minilm.py --smoke          # 1 seed, 1 target, tiny budgets (~3 min), to runs/ only
     python benchmarks/heads_minilm.py --tables-only    # rebuild docs/results/heads_minilm/README.md (+ plot)
+    python benchmarks/heads_minilm.py --diagnose --seeds 0   # rank correlations between criteria (after a run)
 
 Per seed: a seeded 80/10/10 split of the 12,808 snippets (haprune.hf.rotten_tomatoes), MiniLM with a fresh
 classification head fine-tuned on the training split (``--dense-steps`` AdamW steps); then for every target
@@ -107,6 +108,43 @@ def scores_for(net, structures, calib, criterion: str, seed: int, args, cache: d
                                                                  if isinstance(v, (int, float, str, bool))}}
     cache[key] = (sens.scores, info)
     return cache[key]
+
+
+def diagnose(seeds: list[int], args, results: Path, out: Path) -> dict:
+    """How the head rankings relate: Hutchinson's noise (split-half reliability, negative traces) and rank
+    correlations between criteria, on each seed's dense model and calibration batches. -> diagnostics.json"""
+    from scipy.stats import spearmanr
+
+    report = {}
+    for seed in seeds:
+        data = load_split(seed, args.max_length)
+        net, meta = dense_model(seed, data, args, out)
+        structures = transformer_structures(net, heads=True)
+        calib = list(text_batches(data["train"], 32, shuffle=True, seed=10_000 + seed))[: args.calib_batches]
+        hut = estimate(net, structures, calib, "hutchinson", seed=seed, min_probes=args.probes,
+                       max_probes=args.probes, progress=False)
+        again = estimate(net, structures, calib, "hutchinson", seed=seed + 100, min_probes=args.probes,
+                         max_probes=args.probes, progress=False)  # independent probes, same budget
+        ggn = estimate(net, structures, calib, "ggn", progress=False)
+        mic = michel_importance(net, structures, calib)
+        mag = estimate(net, structures, calib, "l2", progress=False)
+        rho = lambda a, b: round(float(spearmanr(a.numpy(), b.numpy())[0]), 4)  # noqa: E731
+        report[str(seed)] = {
+            "heads": structures.num_structures,
+            "hutchinson_probes_per_batch": args.probes, "batches": len(calib),
+            "hutchinson_negative_traces": int((hut.trace < 0).sum()),
+            "hutchinson_split_half_reliability_per_batch": hut.info.get("reliability_per_batch"),
+            "spearman": {"hap_vs_hap_other_probes": rho(hut.scores, again.scores),
+                         "hap_vs_hap_ggn": rho(hut.scores, ggn.scores),
+                         "hap_vs_michel": rho(hut.scores, mic.scores),
+                         "hap_ggn_vs_michel": rho(ggn.scores, mic.scores),
+                         "magnitude_vs_michel": rho(mag.scores, mic.scores)},
+            "ggn_trace_relative_stderr_of_hutchinson_median": round(float(
+                (hut.stderr / ggn.trace.abs().clamp_min(1e-30)).median()), 3),
+        }
+        log(f"seed {seed}: {report[str(seed)]}")
+    atomic_write_json(results / "diagnostics.json", report)
+    return report
 
 
 def run_one(net, dense_meta, data, calib, structures, criterion, target, seed, args, cache, path: Path) -> dict:
@@ -230,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny budgets; results to runs/heads_minilm_smoke")
     ap.add_argument("--tables-only", action="store_true")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="rank correlations between criteria and Hutchinson's noise -> diagnostics.json")
     args = ap.parse_args(argv)
     results, out = RESULTS, RUNS
     if args.smoke:
@@ -238,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         args.dense_steps, args.ft_steps, args.calib_batches, args.probes = 20, 5, 2, 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.diagnose:
+        diagnose(args.seeds, args, results, out)
+        return 0
     if not args.tables_only:
         (results / "runs").mkdir(parents=True, exist_ok=True)
         for seed in args.seeds:
