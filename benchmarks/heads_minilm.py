@@ -250,6 +250,17 @@ def tables(results: Path) -> str:
                 lines.append("")
                 lines.append(f"HAP − Michel ({label}), paired by seed: {ms(diffs)} pp")
         lines.append("")
+    diag_path = results / "diagnostics.json"
+    if diag_path.is_file():  # written by --diagnose
+        lines += ["## Why the rankings differ (`--diagnose`)", "",
+                  "Spearman correlations between criteria on each seed's dense model and calibration batches; "
+                  "Hutchinson's split-half reliability per batch (8 probes each) and its negative head traces.", ""]
+        for seed, d in json.loads(diag_path.read_text()).items():
+            pairs = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in d["spearman"].items())
+            lines.append(f"- seed {seed}: {pairs}; negative Hutchinson traces {d['hutchinson_negative_traces']} "
+                         f"of {d['heads']}; split-half reliability per batch "
+                         f"{', '.join(f'{r:.2f}' for r in d['hutchinson_split_half_reliability_per_batch'])}")
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
