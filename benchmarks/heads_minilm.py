@@ -39,10 +39,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from haprune._fileio import atomic_write_json  # noqa: E402
-from haprune.estimate import estimate  # noqa: E402
 from haprune.hf import (TextClassifier, TextFinetuneConfig, evaluate_text, finetune_text, from_pretrained,  # noqa: E402
-                        michel_importance, minilm_path, plan_transformer, prune_transformer, rotten_tomatoes,
-                        save_pretrained, text_batches, tokenize, transformer_structures)
+                        minilm_path, plan_transformer, prune_transformer, rotten_tomatoes, save_pretrained,
+                        text_batches, tokenize, transformer_structures, unit_importance)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results" / "heads_minilm"
@@ -93,17 +92,7 @@ def scores_for(net, structures, calib, criterion: str, seed: int, args, cache: d
     if key in cache:
         return cache[key]
     start = time.perf_counter()
-    if key == "hap":
-        sens = estimate(net, structures, calib, "hutchinson", seed=seed, min_probes=args.probes,
-                        max_probes=args.probes, tol=0.0, progress=False)
-    elif key == "hap-ggn":  # the same score on the exact Gauss-Newton block traces (positive semi-definite)
-        sens = estimate(net, structures, calib, "ggn", progress=False)
-    elif key == "michel":
-        sens = michel_importance(net, structures, calib)
-    elif key == "magnitude":
-        sens = estimate(net, structures, calib, "l2", progress=False)
-    else:
-        sens = estimate(net, structures, calib, "random", seed=seed, progress=False)
+    sens = unit_importance(net, structures, calib, key, seed=seed, probes=args.probes)
     info = {"seconds": round(time.perf_counter() - start, 1), **{k: v for k, v in sens.info.items()
                                                                  if isinstance(v, (int, float, str, bool))}}
     cache[key] = (sens.scores, info)
@@ -121,13 +110,10 @@ def diagnose(seeds: list[int], args, results: Path, out: Path) -> dict:
         net, meta = dense_model(seed, data, args, out)
         structures = transformer_structures(net, heads=True)
         calib = list(text_batches(data["train"], 32, shuffle=True, seed=10_000 + seed))[: args.calib_batches]
-        hut = estimate(net, structures, calib, "hutchinson", seed=seed, min_probes=args.probes,
-                       max_probes=args.probes, progress=False)
-        again = estimate(net, structures, calib, "hutchinson", seed=seed + 100, min_probes=args.probes,
-                         max_probes=args.probes, progress=False)  # independent probes, same budget
-        ggn = estimate(net, structures, calib, "ggn", progress=False)
-        mic = michel_importance(net, structures, calib)
-        mag = estimate(net, structures, calib, "l2", progress=False)
+        hut, again, ggn, mic, mag = (
+            unit_importance(net, structures, calib, c, seed=sd, probes=args.probes)
+            for c, sd in (("hap", seed), ("hap", seed + 100), ("hap-ggn", seed), ("michel", seed),
+                          ("magnitude", seed)))  # the second "hap": independent probes, same budget
         rho = lambda a, b: round(float(spearmanr(a.numpy(), b.numpy())[0]), 4)  # noqa: E731
         report[str(seed)] = {
             "heads": structures.num_structures,

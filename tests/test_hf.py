@@ -190,7 +190,9 @@ def test_plan_meets_budget_least_important_first(budget, target, ratio):
         assert len(gp.keep) >= 1
     if all(len(gp.keep) > 1 for gp in plan.groups.values()):  # no block at its minimum: strict order
         assert removed.max() <= min(kept.min(), implanted.min() if len(implanted) else math.inf)
-    # one fewer removal would miss the target: the plan is the smallest that meets it
+    if ratio == 0:  # one fewer removal would miss the target: the plan is the smallest that meets it
+        unit = 1 / s.num_structures if budget == "units" else float(s.numel()[0] / s.numel().sum())
+        assert plan.achieved["removed_fraction"] - unit < target
     pruned = prune_transformer(net, plan)
     assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in net.parameters())
 

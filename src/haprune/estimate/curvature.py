@@ -15,8 +15,6 @@ chunk_size x (outputs for ggn, 1 for fisher) x (structure parameters) floats, pl
 """
 from __future__ import annotations
 
-import math
-import time
 from typing import Any
 
 import torch
@@ -33,6 +31,7 @@ from .base import (
     default_loss,
     relative_stderr,
     structure_params,
+    weight_sq,
 )
 
 # autograd nodes that keep a network piecewise linear in each single parameter (so that diag(H) = diag(GGN))
@@ -123,8 +122,7 @@ def hutchinson(model: nn.Module, structures: StructureSet, batches: list[Batch],
     min_probes = max(2, min(min_probes, max_probes))
     check_every = max(2, check_every + check_every % 2)
     names, params = structure_params(model, structures)
-    factor = (structures.reduce({n: p.detach().double() ** 2 for n, p in zip(names, params)})
-              / structures.numel()).to(params[0].device)
+    factor = (structures.reduce(weight_sq(model, structures)) / structures.numel()).to(params[0].device)
     reliabilities: list[float] = []
     gen = torch.Generator().manual_seed(seed)
     total = sum(len(y) for _, y in batches)

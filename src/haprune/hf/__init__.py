@@ -14,7 +14,7 @@ The same estimate -> plan -> apply -> recover -> report shape as for CNNs:
 Needs ``transformers`` (tested on the version pinned in requirements/env.txt, 4.57; no use of ``prune_heads`` or
 ``head_mask``). Michel et al.'s head importance is :func:`michel_importance`.
 """
-from .importance import michel_importance
+from .importance import UNIT_CRITERIA, michel_importance, unit_importance
 from .io import from_pretrained, save_pretrained
 from .layout import AttentionBlock, FfnBlock, UnsupportedTransformerError, find_blocks
 from .plan import BUDGETS, plan_transformer
@@ -26,6 +26,7 @@ from .text import TextClassifier, TextData, minilm_path, rotten_tomatoes, text_b
 __all__ = [
     "AttentionBlock", "FfnBlock", "UnsupportedTransformerError", "find_blocks", "transformer_structures",
     "plan_transformer", "BUDGETS", "prune_transformer", "save_pretrained", "from_pretrained", "michel_importance",
+    "unit_importance", "UNIT_CRITERIA",
     "TextClassifier", "TextData", "rotten_tomatoes", "tokenize", "text_batches", "minilm_path",
     "TextFinetuneConfig", "finetune_text", "evaluate_text",
 ]

@@ -20,8 +20,7 @@ from typing import Any
 import torch
 
 from .._fileio import atomic_write_json, atomic_write_text
-
-CRITERIA = {"hap": "hutchinson", "michel": "michel", "magnitude": "l2", "random": "random"}
+from .importance import UNIT_CRITERIA
 
 
 class _UsageError(ValueError):
@@ -42,7 +41,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--budget", choices=["units", "params"], default="units",
                    help="units: fraction of heads (+ FFN neurons); params: of their parameters (default: %(default)s)")
     p.add_argument("--ffn", action="store_true", help="prune FFN neurons too (default: heads only)")
-    p.add_argument("--criterion", choices=list(CRITERIA), default="hap", help="(default: %(default)s)")
+    p.add_argument("--criterion", choices=list(UNIT_CRITERIA), default="hap", help="(default: %(default)s)")
     p.add_argument("--implant-ratio", type=float, default=0.0,
                    help="low-rank implanted heads per removed unit, e.g. 0.2 (default: none)")
     p.add_argument("--implant-rank", type=int, default=None, help="implanted head dimension (default: head_dim/4)")
@@ -108,11 +107,9 @@ def _run(args: argparse.Namespace) -> int:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
     except ImportError as e:
         raise _UsageError("prune-hf needs transformers: pip install 'haprune[hf]'") from e
-    from ..estimate import estimate
-    from ..plan import BudgetError  # noqa: F401  (raised through; main() prints it)
-    from . import (TextClassifier, TextFinetuneConfig, evaluate_text, finetune_text, michel_importance,
-                   plan_transformer, prune_transformer, save_pretrained, text_batches, tokenize,
-                   transformer_structures)
+    from . import (TextClassifier, TextFinetuneConfig, evaluate_text, finetune_text, plan_transformer,
+                   prune_transformer, save_pretrained, text_batches, tokenize, transformer_structures,
+                   unit_importance)
 
     folder = Path(args.model)
     if not (folder / "config.json").is_file():
@@ -144,13 +141,8 @@ def _run(args: argparse.Namespace) -> int:
     structures = transformer_structures(net, heads=True, ffn=args.ffn)
     calib = list(text_batches(data["train"], 32, shuffle=True, seed=args.seed))[: args.calib_batches]
     start = time.perf_counter()
-    if args.criterion == "michel":
-        sens = michel_importance(net, structures, calib)
-    elif args.criterion == "hap":
-        sens = estimate(net, structures, calib, "hutchinson", seed=args.seed, min_probes=args.probes,
-                        max_probes=args.probes, tol=0.0)
-    else:
-        sens = estimate(net, structures, calib, CRITERIA[args.criterion], seed=args.seed)
+    sens = unit_importance(net, structures, calib, args.criterion, seed=args.seed, probes=args.probes,
+                           progress=True)
     est_seconds = time.perf_counter() - start
     plan = plan_transformer(net, structures, sens, args.target, budget=args.budget,
                             implant_ratio=args.implant_ratio, implant_rank=args.implant_rank)

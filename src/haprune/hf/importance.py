@@ -17,7 +17,16 @@ from ..estimate import Sensitivity
 from ..estimate.base import Batch, LossFn, check_loss, default_loss, materialise_batches
 from ..graph import StructureSet, eval_mode, model_device
 
-__all__ = ["michel_importance"]
+__all__ = ["michel_importance", "unit_importance", "UNIT_CRITERIA"]
+
+# name -> what it computes (every one returns a Sensitivity, higher = keep)
+UNIT_CRITERIA = {
+    "hap": "Tr(H_s)/n_s * ||w_s||^2 with Hutchinson block traces (the paper)",
+    "hap-ggn": "the same score on exact Gauss-Newton block traces (positive semi-definite)",
+    "michel": "Michel et al. (2019): expected |dL/d gate|, layer-normalised",
+    "magnitude": "squared L2 norm of the unit's weights",
+    "random": "uniform, seeded",
+}
 
 
 def michel_importance(model: nn.Module, structures: StructureSet, batches: list[Batch], *,
@@ -54,3 +63,22 @@ def michel_importance(model: nn.Module, structures: StructureSet, batches: list[
     info: dict[str, Any] = {"batches": len(data), "samples": sum(len(y) for _, y in data),
                             "normalize_layers": normalize_layers}
     return Sensitivity("michel", scores, info=info)
+
+
+def unit_importance(model: nn.Module, structures: StructureSet, batches: list[Batch], criterion: str, *,
+                    seed: int = 0, probes: int = 8, progress: bool = False) -> Sensitivity:
+    """Score heads / FFN neurons with one of :data:`UNIT_CRITERIA` (``probes``: Hutchinson probes per batch)."""
+    from ..estimate import estimate
+
+    if criterion == "hap":
+        return estimate(model, structures, batches, "hutchinson", seed=seed, min_probes=probes,
+                        max_probes=probes, progress=progress)
+    if criterion == "hap-ggn":
+        return estimate(model, structures, batches, "ggn", progress=progress)
+    if criterion == "michel":
+        return michel_importance(model, structures, batches)
+    if criterion == "magnitude":
+        return estimate(model, structures, batches, "l2", progress=progress)
+    if criterion == "random":
+        return estimate(model, structures, batches, "random", seed=seed, progress=progress)
+    raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(UNIT_CRITERIA)}")

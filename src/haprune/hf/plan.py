@@ -7,6 +7,8 @@ head counts what it still costs), or ``"units"``, the fraction of units removed 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 
@@ -21,7 +23,7 @@ __all__ = ["plan_transformer", "BUDGETS"]
 BUDGETS = ("params", "units")
 
 
-def _implant_cost(b: AttentionBlock, hidden: int, rank: int) -> int:
+def _implant_cost(hidden: int, rank: int) -> int:
     return rank * (4 * hidden + 1)  # query rows with bias, key and value rows, output columns
 
 
@@ -49,29 +51,19 @@ def plan_transformer(model: nn.Module, structures: StructureSet, sensitivity: Se
     gid, cost, icost, names = [], [], [], []
     for g in structures:
         b = blocks[g.name]
-        for i in range(g.size):
-            gid.append(g.name)
-            names.append(i)
+        gid += [g.name] * g.size
+        names += list(range(g.size))
+        unit = numel[structures.offsets[g.name]: structures.offsets[g.name] + g.size].tolist()
+        cost += [1.0] * g.size if budget == "units" else unit
+        implant = float("nan")  # nan: this unit cannot take an implant
         if isinstance(b, AttentionBlock):
             rank = implant_rank or max(1, b.head_dim // 4)
             if rank > b.head_dim:
                 raise ValueError(f"implant_rank {rank} > head_dim {b.head_dim} of {g.name}")
-            hidden = model.get_submodule(b.q).in_features
-            full = numel[structures.offsets[g.name]: structures.offsets[g.name] + g.size]
-            if budget == "units":
-                cost += [1.0] * g.size
-                icost += [rank * b.group_size / (b.head_dim * b.group_size)] * g.size
-            else:
-                cost += full.tolist()
-                icost += [float(_implant_cost(b, hidden, rank) * b.group_size)] * g.size
-            implant_ok = b.family == "bert" and b.group_size == 1
-        else:
-            cost += [1.0] * g.size if budget == "units" else \
-                numel[structures.offsets[g.name]: structures.offsets[g.name] + g.size].tolist()
-            icost += [float("nan")] * g.size
-            implant_ok = False
-        if not implant_ok:
-            icost[-g.size:] = [float("nan")] * g.size
+            if b.family == "bert" and b.group_size == 1:
+                hidden = model.get_submodule(b.q).in_features
+                implant = rank / b.head_dim if budget == "units" else float(_implant_cost(hidden, rank))
+        icost += [implant] * g.size
     total = sum(cost)
     order = sorted(range(len(scores)), key=lambda i: (float(scores[i]), i))
     sizes = {g.name: g.size for g in structures}
@@ -94,7 +86,7 @@ def plan_transformer(model: nn.Module, structures: StructureSet, sensitivity: Se
             i = order[pos]
             pos += 1
             g = gid[i]
-            if icost[i] == icost[i] and sizes[g] - len(removed[g]) - len(implanted[g]) - 1 >= min_units:
+            if not math.isnan(icost[i]) and sizes[g] - len(removed[g]) - len(implanted[g]) - 1 >= min_units:
                 implanted[g].append(names[i])
                 saved += cost[i] - icost[i]
                 got += 1

@@ -8,11 +8,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..graph import preserved_modes
-from ..recover import NonFiniteLossError, distillation_loss
+from ..recover import NonFiniteLossError, distillation_loss, evaluate
 from .text import TextData, text_batches
 
 __all__ = ["TextFinetuneConfig", "finetune_text", "evaluate_text"]
@@ -34,16 +33,9 @@ class TextFinetuneConfig:
             raise ValueError(f"invalid fine-tuning config {self}")
 
 
-@torch.no_grad()
 def evaluate_text(model: nn.Module, data: TextData, batch_size: int = 128) -> dict[str, float]:
-    loss, correct = 0.0, 0
-    with preserved_modes(model):
-        model.eval()
-        for x, y in text_batches(data, batch_size):
-            logits = model(x).float()
-            loss += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(-1) == y).sum())
-    return {"loss": loss / len(data), "accuracy": correct / len(data)}
+    """Mean cross-entropy and accuracy on ``data`` (:func:`haprune.recover.evaluate` over its batches)."""
+    return evaluate(model, text_batches(data, batch_size))
 
 
 def finetune_text(model: nn.Module, train: TextData, config: TextFinetuneConfig, *,

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..apply import PlanMismatchError
+from ..apply import PlanMismatchError, _set_submodule as _set
 from ..plan import Plan
 from .implant import ImplantedSelfAttention, LowRankHeads, fit_lowrank_head
 from .layout import AttentionBlock, FfnBlock
@@ -53,11 +53,6 @@ def _new_linear(old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None)
         new.bias.data.copy_(bias)
     new.weight.requires_grad_(old.weight.requires_grad)
     return new.train(old.training)
-
-
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
 def _rows(unit_list: list[int], per_unit: int) -> torch.Tensor:

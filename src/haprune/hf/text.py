@@ -10,7 +10,6 @@ from __future__ import annotations
 import bz2
 import csv
 import importlib.util
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
