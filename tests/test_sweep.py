@@ -2,25 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import torch
 
 from haprune.data import DatasetSplits, ImageDataset
 from haprune.models import create_model
+from benchmarks_loader import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_sweep():
-    spec = importlib.util.spec_from_file_location("haprune_sweep_bench", ROOT / "benchmarks" / "sweep.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def _tiny_data() -> DatasetSplits:
@@ -34,7 +25,7 @@ def _tiny_data() -> DatasetSplits:
 
 
 def test_one_run_writes_json_and_resumes(tmp_path):
-    sweep = _load_sweep()
+    sweep = load_benchmark("sweep")
     torch.manual_seed(0)
     dense = create_model("resnet20", in_channels=1, num_classes=10).eval()
     preset = dataclasses.replace(sweep.PRESETS["smoke"], name="tiny", epochs=1, batch_size=16,

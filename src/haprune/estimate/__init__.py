@@ -5,9 +5,9 @@ One entry point, :func:`estimate`, and a string-addressable set of criteria (:da
 | name | what | per-structure value |
 |---|---|---|
 | ``auto`` (default) | ``ggn`` where it is the exact Hessian (every op piecewise linear in each parameter, cross-entropy, at most ``auto_max_classes`` classes), else ``hutchinson`` | as chosen |
-| ``hutchinson`` | the paper: Rademacher probes, double-backward HVPs, stops on relative standard error | score rule on Tr(H_s) |
+| ``hutchinson`` | the paper: Rademacher probes, double-backward HVPs, stops when the ranking is stable (split-half reliability) | score rule on Tr(H_s) |
 | ``ggn`` | exact Gauss-Newton diagonal from per-sample Jacobians | score rule on Tr(GGN_s) |
-| ``fisher`` | Fisher diagonal, labels sampled from the model | score rule |
+| ``fisher`` | Fisher diagonal, labels sampled (importance-sampled pairs by default) | score rule |
 | ``empirical_fisher`` | Fisher diagonal with the true labels (Fisher / OBD) | score rule (default ``obd``) |
 | ``l1`` / ``l2`` | sum of \\|w\\| / w^2 over the structure | magnitude |
 | ``taylor`` | (sum_s g w)^2, averaged over batches | first order |
@@ -94,7 +94,8 @@ def estimate(
         loss_fn: ``f(logits, targets) -> scalar``; default cross-entropy. With a custom loss, ``auto`` uses
             Hutchinson (the GGN shortcut assumes cross-entropy).
         options: passed to the criterion (``max_probes``, ``tol``, ``min_probes`` for hutchinson;
-            ``chunk_size``/``memory_budget_mb`` for ggn and fisher; ``samples_per_input`` for fisher).
+            ``chunk_size``/``memory_budget_mb`` for ggn and fisher; ``samples_per_input`` (may be a fraction)
+            and ``sampling`` (``importance`` or ``multinomial``) for fisher).
     """
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
