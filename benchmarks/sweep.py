@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
+import importlib.util
 import json
 import platform
 import statistics
@@ -39,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import haprune
-from haprune._fileio import atomic_write_json
+from haprune._fileio import atomic_write_json, atomic_write_text
 from haprune.apply import apply_plan
 from haprune.data import batches, load_dataset
 from haprune.estimate import estimate
@@ -209,7 +211,9 @@ def _haprune_prune(ctx: SweepContext, model_name: str, spec: dict, budget: str, 
                         calibration=calib)
     info = {"resolved_criterion": sens.criterion, "score_rule": sens.info.get("score_rule"),
             "exact": sens.info.get("exact"), "auto": sens.info.get("auto"), "options": options,
-            "plan_counts": plan.counts()}
+            "plan_counts": plan.counts(),
+            # per-layer widths (group root module -> size, removed, implanted) for the plan-width plots
+            "plan_widths": {k: [g.size, len(g.remove), len(g.implant)] for k, g in plan.groups.items()}}
     return pruned, float(sens.info["seconds"]), info
 
 
@@ -369,104 +373,333 @@ def sweep(ctx: SweepContext, models, targets, criteria, seeds) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ tables
 
-def _mean_std(values: list[float]) -> str:
+HAP_VARIANTS = tuple(c for c in CRITERIA if c.startswith("hap"))  # rows of this library's HAP (goal b's "own")
+IMPLANT_ROWS = ("hap+ni-lstsq", "hap+ni-zeros")
+# goal (a): (fraction of parameters removed, largest fine-tuned loss vs dense in pp) for the implant rows
+IMPLANT_LOSS_GOALS = ((0.5, 0.3), (0.7, 0.8))
+WIDTH_ROWS = ("hap+ni-lstsq", "hap")  # plan-width plot: the first of these whose records carry plan_widths
+# (file suffix, accuracy key, x axis budget, what it shows) of the per-(model, preset) line plots
+LINE_PLOTS = (("acc_vs_params", "finetuned", "params", "fine-tuned accuracy vs parameters remaining"),
+              ("acc_vs_flops", "finetuned", "flops", "fine-tuned accuracy vs FLOPs remaining"),
+              ("oneshot_vs_params", "oneshot", "params", "one-shot accuracy vs parameters remaining"))
+# kept / implanted / removed bars: blue, orange, vermillion (Okabe-Ito)
+WIDTH_COLOURS = ("#0072B2", "#E69F00", "#D55E00")
+
+TableKey = tuple[str, str, str, float]  # (model, preset name, budget, target)
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean and sample standard deviation (None when n < 2) of n values."""
+
+    mean: float
+    std: float | None
+    n: int
+
+
+@dataclass(frozen=True)
+class PlotJob:
+    """One SVG of the sweep: its file name, Markdown alt text, the tables it is linked above and how to draw it."""
+
+    name: str
+    alt: str
+    tables: tuple[TableKey, ...]
+    draw: Callable[[Path], None]
+
+
+def _stat(values: list[float]) -> Stat | None:
     if not values:
+        return None
+    return Stat(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
+
+
+def _mean_std(values: list[float]) -> str:
+    """Accuracies (fractions) as ``mean ± std (n=k)`` in percent."""
+    s = _stat([100 * v for v in values])
+    if s is None:
         return "-"
-    m = 100 * statistics.fmean(values)
-    if len(values) == 1:
-        return f"{m:.2f} (n=1)"
-    return f"{m:.2f} ± {100 * statistics.stdev(values):.2f} (n={len(values)})"
+    return f"{s.mean:.2f} (n=1)" if s.std is None else f"{s.mean:.2f} ± {s.std:.2f} (n={s.n})"
+
+
+def _signed(s: Stat | None) -> str:
+    """A change in pp as ``+mean ± std`` (std left out when n = 1)."""
+    if s is None:
+        return "-"
+    return f"{s.mean:+.2f}" if s.std is None else f"{s.mean:+.2f} ± {s.std:.2f}"
+
+
+def _accuracies(records: list[dict], key: str = "finetuned") -> list[float]:
+    return [r["accuracy"][key] for r in records if r["accuracy"][key] is not None]
+
+
+def _change_vs_dense(records: list[dict]) -> Stat | None:
+    """Fine-tuned minus dense accuracy (pp) over the records (seeds) that were fine-tuned."""
+    return _stat([100 * (r["accuracy"]["finetuned"] - r["accuracy"]["dense"])
+                  for r in records if r["accuracy"]["finetuned"] is not None])
+
+
+def _group(records: list[dict], key: Callable[[dict], Any]) -> dict[Any, list[dict]]:
+    groups: dict[Any, list[dict]] = {}
+    for r in records:
+        groups.setdefault(key(r), []).append(r)
+    return groups
+
+
+def _by_criterion(records: list[dict]) -> dict[str, list[dict]]:
+    """Records per criterion, in the order of ``CRITERIA`` (unknown names last)."""
+    order = {name: i for i, name in enumerate(CRITERIA)}
+    groups = _group(records, lambda r: r["criterion"])
+    return {c: groups[c] for c in sorted(groups, key=lambda c: (order.get(c, len(order)), c))}
+
+
+def _target_order(budget_target: tuple[str, float]) -> tuple[bool, float]:
+    """Parameter targets first, then FLOPs targets, each by increasing fraction removed."""
+    return budget_target[0] != "params", budget_target[1]
 
 
 def load_records(results_dir: Path = RESULTS) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(results_dir.glob("*/*.json"))]
 
 
-def tables(results_dir: Path = RESULTS) -> str:
-    records = load_records(results_dir)
-    head = [
-        "# Pruning sweep on Fashion-MNIST: criteria x targets x seeds",
-        "",
-        "Generated by `python benchmarks/sweep.py --tables-only` from the per-run JSON files in "
-        "`docs/results/sweep/<model>/` (one per finished run). Accuracy is **test accuracy of the "
-        "validation-selected model**: fine-tuning keeps the epoch with the best accuracy on a validation split "
-        "carved from the training data (never the test set), then BatchNorm statistics are re-estimated. One-shot "
-        "accuracy is after pruning and BatchNorm re-estimation, before any fine-tuning. Values are mean ± standard "
-        "deviation over seeds (n = number of seeds); every criterion of a (model, seed) saw the same calibration "
-        "batches and the same fine-tuning budget. `tp-*` rows are Torch-Pruning's own MetaPruner (global pruning, "
-        "classifier ignored, ratio bisected to the target).",
-        "",
-    ]
-    if not records:
-        return "\n".join(head + ["No results yet: run `python benchmarks/sweep.py --budget cpu`.", ""])
-    groups: dict[tuple, list[dict]] = {}
-    for r in records:
-        groups.setdefault((r["model"], r["preset"]["name"], r["budget"], r["target"]), []).append(r)
-    order = {name: i for i, name in enumerate(CRITERIA)}
-    lines = list(head)
-    for (model, preset, budget, target), rs in sorted(groups.items()):
-        p = rs[0]["preset"]
-        dense = statistics.fmean(r["accuracy"]["dense"] for r in rs)
-        lines += [f"## {model}, {target_tag(budget, target)}: {100 * target:.0f}% of {budget} removed "
-                  f"(budget `{preset}`)", "",
-                  f"Dense accuracy {100 * dense:.2f}% on {rs[0]['accuracy']['eval_images']} test images; fine-tuning "
-                  f"{p['epochs']} epoch(s) of at most {p['max_batches_per_epoch'] or 'all'} batches of "
-                  f"{p['batch_size']}, SGD lr {p['lr']} ({p['schedule']}), device `{rs[0]['device']}`.", "",
-                  "| criterion | params removed % | FLOPs removed % | one-shot acc % | fine-tuned acc % "
-                  "| sensitivity s |", "|---|---|---|---|---|---|"]
-        by_crit: dict[str, list[dict]] = {}
-        for r in rs:
-            by_crit.setdefault(r["criterion"], []).append(r)
-        for crit in sorted(by_crit, key=lambda c: order.get(c, len(order))):
-            cr = by_crit[crit]
-            ft = [r["accuracy"]["finetuned"] for r in cr if r["accuracy"]["finetuned"] is not None]
-            lines.append("| {} | {:.2f} | {:.2f} | {} | {} | {:.2f} |".format(
-                crit, 100 * statistics.fmean(r["params"]["removed"] for r in cr),
-                100 * statistics.fmean(r["flops"]["removed"] for r in cr),
-                _mean_std([r["accuracy"]["oneshot"] for r in cr]), _mean_std(ft),
-                statistics.fmean(r["sensitivity_seconds"] for r in cr)))
-        lines.append("")
-    return "\n".join(lines)
+# -- plots
+
+@functools.cache
+def _plot_svg():
+    """benchmarks/plot_svg.py, loaded from its path (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("haprune_plot_svg", Path(__file__).with_name("plot_svg.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _line_series(records: list[dict], acc_key: str, x_budget: str) -> dict[str, list[tuple[float, float, float]]]:
+    """criterion -> (fraction of ``x_budget`` remaining, accuracy % mean, std) per target, over seeds."""
+    series = {}
+    for crit, rs in _by_criterion(records).items():
+        points = []
+        for _, ts in sorted(_group(rs, lambda r: r["target"]).items()):
+            done = [r for r in ts if r["accuracy"][acc_key] is not None]
+            s = _stat([100 * r["accuracy"][acc_key] for r in done])
+            if s is not None:
+                points.append((statistics.fmean(1 - r[x_budget]["removed"] for r in done), s.mean, s.std or 0.0))
+        if points:
+            series[crit] = points
+    return series
+
+
+def _network_order(name: str) -> tuple:
+    """Natural sort key of a dotted module name (numbers compare as numbers: ``layer2.10`` after ``layer2.9``).
+
+    plan_widths lists groups in the pruning graph's order (ResNet shortcut groups first, VGG last layer first);
+    for this project's models the natural order of the names is the network's definition order.
+    """
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in name.split("."))
+
+
+def _short_names(names: list[str]) -> list[str]:
+    """``names`` without the longest dotted prefix they all share (each keeps at least one component)."""
+    parts = [n.split(".") for n in names]
+    common = 0
+    while all(len(p) > common + 1 for p in parts) and len({p[common] for p in parts}) == 1:
+        common += 1
+    return [".".join(p[common:]) for p in parts]
+
+
+def _width_record(records: list[dict]) -> dict | None:
+    """The record whose plan widths are drawn: first of ``WIDTH_ROWS`` with plan_widths, lowest seed."""
+    for crit in WIDTH_ROWS:
+        rs = [r for r in records if r["criterion"] == crit and r.get("details", {}).get("plan_widths")]
+        if rs:
+            return min(rs, key=lambda r: r["seed"])
+    return None
+
+
+def _draw_widths(record: dict, title: str, path: Path) -> None:
+    """Stacked kept / implanted / removed bar per group of ``record``'s plan, in network order."""
+    widths = record["details"]["plan_widths"]
+    names = sorted(widths, key=_network_order)
+    sizes, removed, implanted = ([widths[n][k] for n in names] for k in range(3))
+    stacks = {"kept": [s - r - i for s, r, i in zip(sizes, removed, implanted)], "implanted": implanted,
+              "removed": removed}
+    _plot_svg().stacked_bar_plot(_short_names(names), stacks, path, title=title, xlabel="group (root module)",
+                                 ylabel="channels", colours=WIDTH_COLOURS)
+
+
+def _draw_lines(series: dict, dense: float, title: str, xlabel: str, ylabel: str, path: Path) -> None:
+    _plot_svg().line_plot(series, path, title=title, xlabel=xlabel, ylabel=ylabel, width=760, height=520,
+                          hline=(f"dense {dense:.2f}%", dense))
+
+
+def plot_jobs(records: list[dict]) -> list[PlotJob]:
+    """The SVGs of every (model, preset), from the records with a parameter budget; none without data."""
+    jobs = []
+    params = [r for r in records if r["budget"] == "params"]
+    for (model, preset), rs in sorted(_group(params, lambda r: (r["model"], r["preset"]["name"])).items()):
+        by_target = dict(sorted(_group(rs, lambda r: r["target"]).items()))
+        keys = tuple((model, preset, "params", t) for t in by_target)
+        dense = 100 * statistics.fmean(r["accuracy"]["dense"] for r in rs)
+        for suffix, acc_key, x_budget, what in LINE_PLOTS:
+            series = _line_series(rs, acc_key, x_budget)
+            if series:
+                title = f"{model} ({preset}): {what}"
+                xlabel = f"fraction of {'parameters' if x_budget == 'params' else 'FLOPs'} remaining"
+                ylabel = f"{'fine-tuned' if acc_key == 'finetuned' else 'one-shot'} test accuracy (%)"
+                jobs.append(PlotJob(f"{model}_{preset}_{suffix}.svg", what, keys,
+                                    functools.partial(_draw_lines, series, dense, title, xlabel, ylabel)))
+        for target, ts in by_target.items():
+            record = _width_record(ts)
+            if record is not None:
+                what = f"per-layer widths of the {record['criterion']} plan"
+                title = (f"{model} ({preset}): {what}, {100 * target:.0f}% of params removed "
+                         f"(seed {record['seed']})")
+                jobs.append(PlotJob(f"{model}_{preset}_plan_widths_{target_tag('params', target)}.svg", what,
+                                    ((model, preset, "params", target),),
+                                    functools.partial(_draw_widths, record, title)))
+    return jobs
 
 
 def plots(results_dir: Path = RESULTS) -> list[Path]:
-    """Accuracy vs parameters remaining per model (PNG), only if matplotlib is installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        _log("matplotlib is not installed: no plots (the tables are complete without them)")
-        return []
+    """Write every plot of ``plot_jobs`` as SVG into ``results_dir``; returns the paths written."""
     written = []
-    records = [r for r in load_records(results_dir) if r["budget"] == "params"]
-    for model in sorted({r["model"] for r in records}):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for crit in CRITERIA:
-            pts: dict[float, list[float]] = {}
-            for r in records:
-                if r["model"] == model and r["criterion"] == crit and r["accuracy"]["finetuned"] is not None:
-                    pts.setdefault(round(1 - r["params"]["removed"], 3), []).append(r["accuracy"]["finetuned"])
-            if pts:
-                xs = sorted(pts)
-                ax.plot(xs, [100 * statistics.fmean(pts[x]) for x in xs], marker="o", label=crit)
-        ax.set_xlabel("fraction of parameters remaining")
-        ax.set_ylabel("fine-tuned test accuracy %")
-        ax.set_title(model)
-        ax.legend(fontsize=6)
-        path = results_dir / f"{model}_accuracy_vs_params.png"
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        written.append(path)
+    for job in plot_jobs(load_records(results_dir)):
+        job.draw(results_dir / job.name)
+        written.append(results_dir / job.name)
     return written
 
 
+# -- README
+
+HEADER = [
+    "# Pruning sweep on Fashion-MNIST: criteria x targets x seeds",
+    "",
+    "Generated by `python benchmarks/sweep.py --tables-only` from the per-run JSON files in "
+    "`docs/results/sweep/<model>/` (one per finished run); the same command draws the SVG plots linked above "
+    "each table (from the runs with a parameter budget). Accuracy is **test accuracy of the "
+    "validation-selected model**: fine-tuning keeps the epoch with the best accuracy on a validation split "
+    "carved from the training data (never the test set), then BatchNorm statistics are re-estimated. One-shot "
+    "accuracy is after pruning and BatchNorm re-estimation, before any fine-tuning. Values are mean ± standard "
+    "deviation over seeds (n = number of seeds); \"change vs dense\" is the mean over seeds of fine-tuned minus "
+    "dense accuracy, in percentage points (pp). Every criterion of a (model, seed) saw the same calibration "
+    "batches and the same fine-tuning budget. `tp-*` rows are Torch-Pruning's own MetaPruner (global pruning, "
+    "classifier ignored, ratio bisected to the target).",
+    "",
+]
+
+
+def _table(key: TableKey, records: list[dict], links: list[str]) -> list[str]:
+    model, preset, budget, target = key
+    p = records[0]["preset"]
+    dense = statistics.fmean(r["accuracy"]["dense"] for r in records)
+    lines = [f"## {model}, {target_tag(budget, target)}: {100 * target:.0f}% of {budget} removed "
+             f"(budget `{preset}`)", "",
+             f"Dense accuracy {100 * dense:.2f}% on {records[0]['accuracy']['eval_images']} test images; fine-tuning "
+             f"{p['epochs']} epoch(s) of at most {p['max_batches_per_epoch'] or 'all'} batches of "
+             f"{p['batch_size']}, SGD lr {p['lr']} ({p['schedule']}), device `{records[0]['device']}`.", ""]
+    if links:
+        lines += ["Plots: " + " ".join(links), ""]
+    lines += ["| criterion | params removed % | FLOPs removed % | one-shot acc % | fine-tuned acc % "
+              "| fine-tuned change vs dense (pp) | sensitivity s |", "|---|---|---|---|---|---|---|"]
+    for crit, cr in _by_criterion(records).items():
+        lines.append("| {} | {:.2f} | {:.2f} | {} | {} | {} | {:.2f} |".format(
+            crit, 100 * statistics.fmean(r["params"]["removed"] for r in cr),
+            100 * statistics.fmean(r["flops"]["removed"] for r in cr),
+            _mean_std(_accuracies(cr, "oneshot")), _mean_std(_accuracies(cr)), _signed(_change_vs_dense(cr)),
+            statistics.fmean(r["sensitivity_seconds"] for r in cr)))
+    return lines + [""]
+
+
+def _implant_loss_goal(records: list[dict]) -> list[str]:
+    """Goal (a): the implant rows lose at most 0.3 pp (50% of params removed) / 0.8 pp (70%) vs dense."""
+    lines = ["**(a) Neural Implant keeps the dense accuracy.** Goal: the fine-tuned accuracy of "
+             + " and ".join(f"`{c}`" for c in IMPLANT_ROWS) + " is within "
+             + " and ".join(f"{tol} pp of dense at {100 * t:.0f}%" for t, tol in IMPLANT_LOSS_GOALS)
+             + " of parameters removed (mean over seeds; a gain over dense meets it).", "",
+             "| params removed | criterion | n | change vs dense (pp) | goal (pp) | verdict |",
+             "|---|---|---|---|---|---|"]
+    for target, tol in IMPLANT_LOSS_GOALS:
+        for crit in IMPLANT_ROWS:
+            s = _change_vs_dense([r for r in records if r["criterion"] == crit and r["budget"] == "params"
+                                  and abs(r["target"] - target) < 1e-9])
+            verdict = "no runs yet" if s is None else "met" if s.mean >= -tol else "not met"
+            lines.append(f"| {100 * target:.0f}% | {crit} | {s.n if s else 0} | {_signed(s)} | ≥ {-tol:+.1f} "
+                         f"| {verdict} |")
+    return lines + [""]
+
+
+def _best(by_crit: dict[str, list[dict]], names: list[str]) -> tuple[str, Stat] | None:
+    """The criterion of ``names`` with the highest mean fine-tuned accuracy (%), and its statistics."""
+    stats = [(c, _stat([100 * a for a in _accuracies(by_crit[c])])) for c in names if c in by_crit]
+    stats = [(c, s) for c, s in stats if s is not None]
+    return max(stats, key=lambda cs: cs[1].mean) if stats else None
+
+
+def _margin_verdict(ours: Stat, other: Stat) -> str:
+    margin = ours.mean - other.mean
+    if margin <= 0:
+        return "not met"
+    if ours.std is None or other.std is None:
+        return "not enough seeds (n<2)"
+    return "met" if margin > max(ours.std, other.std) else "not met"
+
+
+def _margin_goal(records: list[dict]) -> list[str]:
+    """Goal (b): the best implant row beats the best non-HAP criterion by more than the seed spread."""
+    lines = ["**(b) HAP + Neural Implant beats every other criterion by more than the seed spread.** Margin = "
+             "mean fine-tuned accuracy of the best implant row minus that of the best criterion outside this "
+             "library's HAP variants (" + ", ".join(f"`{c}`" for c in HAP_VARIANTS) + "); met when the margin "
+             "exceeds the larger of the two rows' standard deviations over seeds (needs n ≥ 2 in both rows; a "
+             "margin ≤ 0 is not met whatever n).", "",
+             "| target | best HAP+NI row | n | fine-tuned acc % | best other row | n | fine-tuned acc % "
+             "| margin (pp) | spread (pp) | verdict |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for (budget, target), ts in sorted(_group(records, lambda r: (r["budget"], r["target"])).items(),
+                                       key=lambda kv: _target_order(kv[0])):
+        by_crit = _by_criterion(ts)
+        ours = _best(by_crit, list(IMPLANT_ROWS))
+        other = _best(by_crit, [c for c in by_crit if c not in HAP_VARIANTS])
+        tag = target_tag(budget, target)
+        if ours is None or other is None:
+            missing = "HAP+NI" if ours is None else "other"
+            lines.append(f"| {tag} |" + " - |" * 8 + f" no fine-tuned {missing} row |")
+            continue
+        (ours_crit, ours_s), (other_crit, other_s) = ours, other
+        spread = "-" if ours_s.std is None or other_s.std is None else f"{max(ours_s.std, other_s.std):.2f}"
+        lines.append(f"| {tag} | {ours_crit} | {ours_s.n} | {ours_s.mean:.2f} | {other_crit} | {other_s.n} "
+                     f"| {other_s.mean:.2f} | {ours_s.mean - other_s.mean:+.2f} | {spread} "
+                     f"| {_margin_verdict(ours_s, other_s)} |")
+    return lines + [""]
+
+
+def _goals(model: str, preset: str, records: list[dict]) -> list[str]:
+    return ([f"## Goals: {model}, budget `{preset}`", "", "Checked against the numbers above, whatever they are.",
+             ""] + _implant_loss_goal(records) + _margin_goal(records))
+
+
+def tables(results_dir: Path = RESULTS) -> str:
+    """The README: per (model, preset) one table per target (with its plots linked) and a Goals section."""
+    records = load_records(results_dir)
+    if not records:
+        return "\n".join(HEADER + ["No results yet: run `python benchmarks/sweep.py --budget cpu`.", ""])
+    links: dict[TableKey, list[str]] = {}
+    for job in plot_jobs(records):
+        for key in job.tables:
+            links.setdefault(key, []).append(f"![{job.alt}]({job.name})")
+    lines = list(HEADER)
+    for (model, preset), rs in sorted(_group(records, lambda r: (r["model"], r["preset"]["name"])).items()):
+        by_target = _group(rs, lambda r: (r["budget"], r["target"]))
+        for budget, target in sorted(by_target, key=_target_order):
+            key = (model, preset, budget, target)
+            lines += _table(key, by_target[(budget, target)], links.get(key, []))
+        lines += _goals(model, preset, rs)
+    return "\n".join(lines)
+
+
 def write_tables(results_dir: Path = RESULTS) -> Path:
+    """Draw the SVG plots and write README.md into ``results_dir``; returns the README's path."""
     results_dir.mkdir(parents=True, exist_ok=True)
-    out = results_dir / "README.md"
-    out.write_text(tables(results_dir))
     for path in plots(results_dir):
         _log(f"wrote {path}")
+    out = results_dir / "README.md"
+    atomic_write_text(out, tables(results_dir))
     return out
 
 
