@@ -2,6 +2,7 @@
 
     python benchmarks/latency.py            # full: ResNet-56 and VGG-16-BN, 28x28 and 32x32, all variants
     python benchmarks/latency.py --quick    # ResNet-56, 28x28, 50%, batch 64, 2 threads (under a minute)
+    python benchmarks/latency.py --round-to-study   # which round_to to default to (about 5 minutes)
 
 For each model and input size: the dense model and pruned variants at 30/50/70% of parameters removed
 (removal only, 1x1 implants, separable implants, removal with widths rounded to 8 and to 16), planned with the ``l2``
@@ -41,6 +42,7 @@ VARIANTS = {
     "remove": {},
     "implant-1x1": {"implant_ratio": 0.1, "implant_kind": "1x1"},
     "implant-separable": {"implant_ratio": 0.1, "implant_kind": "separable"},
+    "remove-round4": {"round_to": 4},
     "remove-round8": {"round_to": 8},
     "remove-round16": {"round_to": 16},
 }
@@ -137,20 +139,51 @@ def tables(results: dict, meta: dict) -> str:
     return "\n".join(out)
 
 
+def round_to_summary(results: dict) -> str:
+    """Per round_to: geometric means over the settings of the speed-up over dense, the FLOPs reduction, and the
+    speed-up over the unrounded plan (``remove``) at the same parameter budget, by runtime and batch."""
+    rows: dict[tuple[str, int, str], list[tuple[float, float, float]]] = {}
+    for entry in results.values():
+        by_variant = {r["variant"]: r for r in entry["rows"]}
+        for name, r in by_variant.items():
+            base = by_variant.get(name.replace(name.split("@")[0], "remove"))
+            if name == "dense" or base is None:
+                continue
+            step = VARIANTS[name.split("@")[0]].get("round_to", 1)
+            key = (entry["runtime"], entry["batch"], str(step))
+            rows.setdefault(key, []).append((r["speedup"], r["flops_reduction"], base["median_ms"] / r["median_ms"]))
+
+    def gmean(xs: list[float]) -> float:
+        return float(np.exp(np.mean(np.log(xs))))
+
+    out = ["## Summary: geometric means over models", "",
+           "| runtime | batch | round_to | speed-up over dense | FLOPs reduction | ratio | speed-up over round_to 1 | n |",
+           "|---|---|---|---|---|---|---|---|"]
+    for (runtime, batch, step), vals in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], int(kv[0][2]))):
+        sp, fr, rel = (gmean([v[i] for v in vals]) for i in range(3))
+        out.append(f"| {runtime} | {batch} | {step} | {sp:.2f}x | {fr:.2f}x | {sp / fr:.2f} | {rel:.2f}x | {len(vals)} |")
+    return "\n".join(out + [""])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--tables-only", action="store_true")
+    p.add_argument("--round-to-study", action="store_true",
+                   help="ResNet-56 and VGG-16-BN at 50%% removed, widths rounded to 1/4/8/16, batch 1 and 64, 2 threads")
     p.add_argument("--repeats", type=int, default=None)
     a = p.parse_args(argv)
-    stem = "latency_quick" if a.quick else "latency"
+    stem = "latency_round_to" if a.round_to_study else "latency_quick" if a.quick else "latency"
     path = RESULTS / f"{stem}.json"
     data = json.loads(path.read_text()) if path.exists() else {}
     meta = data.setdefault("meta", {"quick": a.quick, "machine": f"{platform.machine()}, {torch.get_num_threads()} "
                                     "torch threads available", "torch": torch.__version__})
     results = data.setdefault("results", {})
     if not a.tables_only:
-        if a.quick:
+        if a.round_to_study:
+            plan = [(m, 28, [0.5], ["remove", "remove-round4", "remove-round8", "remove-round16"], [1, 64], [2],
+                     ["eager", "onnx"], a.repeats or 20) for m in ("resnet56", "vgg16_bn")]
+        elif a.quick:
             plan = [("resnet56", 28, [0.5], ["remove", "implant-1x1", "remove-round8", "remove-round16"], [64], [2], ["eager", "onnx"], a.repeats or 8)]
         else:
             plan = [(m, s, [0.3, 0.5, 0.7], list(VARIANTS), [1, 64], [1, 2], ["eager", "onnx"], a.repeats or 10)
@@ -158,7 +191,12 @@ def main(argv: list[str] | None = None) -> int:
         for args in plan:
             for _ in bench(*args, done=results):
                 atomic_write_json(path, data)  # resumable: finished settings are skipped next time
-    atomic_write_text(RESULTS / f"{stem}.md", tables(results, meta))
+    text = tables(results, meta)
+    if a.round_to_study:
+        text = text.replace("# CPU latency of pruned models", "# CPU latency of pruned models: which `round_to`?", 1)
+        text = text.replace(f"`python benchmarks/latency.py`", "`python benchmarks/latency.py --round-to-study`", 1)
+        text += "\n" + round_to_summary(results)
+    atomic_write_text(RESULTS / f"{stem}.md", text)
     print((RESULTS / f"{stem}.md").read_text())
     return 0
 

@@ -61,6 +61,11 @@ def test_prune_writes_a_complete_output_folder_that_eval_reloads(data_dir, train
     assert abs(report["params"]["removed"] - 0.4) <= 0.01
     assert report["sensitivity"]["criterion"] == "ggn"  # auto: ReLU network -> exact traces
     assert report["plan"]["counts"]["implanted"] > 0
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["round_to"] == 4  # the default, chosen by benchmarks/latency.py --round-to-study
+    for g in plan["groups"].values():  # remaining widths (kept + implanted) are multiples of 4 or untouched
+        alive = g["size"] - len(g["remove"])
+        assert alive % 4 == 0 or alive == g["size"], g
     for key in ("before", "after_oneshot", "after_finetune"):
         assert 0.0 <= report["accuracy"][key] <= 1.0
     assert report["latency"]["speedup"] > 0

@@ -309,8 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-channels", type=int, default=1, help="channels every group keeps (default: %(default)s)")
     p.add_argument("--ignore", nargs="*", default=None,
                    help="fully-qualified names of layers whose outputs are kept (default: the classifier)")
-    p.add_argument("--round-to", type=int, default=1,
-                   help="keep every group's width a multiple of this (e.g. 8) for faster kernels (default: %(default)s)")
+    p.add_argument("--round-to", type=int, default=4,
+                   help="keep every group's width a multiple of this for faster kernels; 1 = any width. The default "
+                        "4 was chosen by benchmarks/latency.py --round-to-study (docs/results/latency_round_to.md): "
+                        "in ONNX Runtime 1.2-1.7x faster than any width at the same parameter budget, in eager "
+                        "PyTorch about the same, with the same FLOPs reduction (default: %(default)s)")
     p.add_argument("--implant-ratio", type=float, default=0.0,
                    help="Neural Implants per removed structure, e.g. 0.1 (default: %(default)s = none)")
     p.add_argument("--implant-kind", choices=IMPLANT_KINDS, default="1x1", help="(default: %(default)s)")
