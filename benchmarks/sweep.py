@@ -47,9 +47,9 @@ from haprune.data import batches, load_dataset
 from haprune.estimate import estimate
 from haprune.graph import build_structures
 from haprune.models import create_model
-from haprune.plan import CostModel, make_plan
+from haprune.plan import CostModel, GroupPlan, Plan, make_plan
 from haprune.recover import FinetuneConfig, evaluate, finetune, load_checkpoint_weights, reestimate_batchnorm
-from haprune.report import count_flops, count_params
+from haprune.report import count_flops, count_params, measure_latency
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results" / "sweep"
@@ -173,6 +173,13 @@ class SweepContext:
             images, labels = images[: self.preset.eval_limit], labels[: self.preset.eval_limit]
         return evaluate(model, torch.utils.data.TensorDataset(images, labels), device=self.device)["accuracy"]
 
+    def structures(self, model: str):
+        """The dense model's structures (haprune.graph.StructureSet), built once."""
+        key = ("structures", model)
+        if key not in self._cache:
+            self._cache[key] = build_structures(self.dense(model), self.example())
+        return self._cache[key]
+
     def dense_accuracy(self, model: str) -> float:
         key = ("dense_acc", model)
         if key not in self._cache:
@@ -194,9 +201,7 @@ class SweepContext:
 
 def _haprune_prune(ctx: SweepContext, model_name: str, spec: dict, budget: str, target: float, seed: int):
     dense, example, calib = ctx.dense(model_name), ctx.example(), ctx.calibration(seed)
-    structures = ctx._cache.get(("structures", model_name))
-    if structures is None:
-        structures = ctx._cache[("structures", model_name)] = build_structures(dense, example)
+    structures = ctx.structures(model_name)
     options = dict(spec.get("options", {}))
     if spec["criterion"] == "hutchinson" and "max_probes" in options:  # the official row's probe count
         options = {"min_probes": ctx.preset.official_probes, "max_probes": ctx.preset.official_probes}
@@ -294,7 +299,57 @@ def _tp_prune(ctx: SweepContext, model_name: str, spec: dict, budget: str, targe
         raise RuntimeError(f"Torch-Pruning bisection reached {removed:.4f} removed, target {target} (+-0.01)")
     return model, round(seconds, 3), {"pruning_ratio": ratio, "bisection": trials,
                                       "torch_pruning": getattr(tp, "__version__", "?"),
-                                      "importance": spec["importance"]}
+                                      "importance": spec["importance"],
+                                      "plan_widths": widths_of(ctx.structures(model_name), model)}
+
+
+def widths_of(structures, pruned: nn.Module) -> dict[str, list[int]]:
+    """Per-layer widths of a model pruned by other means, in the ``plan_widths`` form [size, removed, 0]: each
+    group's root module's remaining output channels (or features)."""
+    out = {}
+    for g in structures:
+        m = pruned.get_submodule(g.name)
+        width = getattr(m, "out_channels", None) or getattr(m, "out_features")
+        out[g.name] = [g.size, g.size - int(width), 0]
+    return out
+
+
+def plan_from_widths(widths: dict[str, list[int]], implant_kind: str = "1x1") -> Plan:
+    """A plan with the recorded per-layer widths (which channels go does not change the architecture)."""
+    return Plan({k: GroupPlan(size, list(range(r)), list(range(r, r + i))) for k, (size, r, i) in widths.items()},
+                implant_kind=implant_kind)
+
+
+def measure_latencies(ctx: SweepContext, results_dir: Path = RESULTS, batch: int = 64, threads: int = 2,
+                      repeats: int = 20) -> int:
+    """Fill ``latency`` into every finished record that has per-layer widths and no latency yet.
+
+    The pruned architecture is rebuilt from the record's ``plan_widths`` (weights do not matter for latency; its
+    parameter count is checked against the record's), then timed interleaved with the dense model on CPU. Kept
+    apart from the runs so that it can run when the machine is quiet. Returns the number of records filled."""
+    done = 0
+    for path in sorted(results_dir.glob("*/*.json")):
+        r = json.loads(path.read_text())
+        widths = r.get("details", {}).get("plan_widths")
+        if "latency" in r or not widths:
+            continue
+        dense = ctx.dense(r["model"]).cpu().eval()
+        example = ctx.example().cpu()
+        plan = plan_from_widths(widths, r["spec"].get("implant_kind", "1x1"))
+        pruned = apply_plan(dense, plan, example, structures=ctx.structures(r["model"])).eval()
+        if count_params(pruned) != r["params"]["after"]:
+            raise RuntimeError(f"{path.name}: widths rebuild {count_params(pruned)} params, the run had "
+                               f"{r['params']['after']}")
+        x = torch.randn(batch, *example.shape[1:])
+        lat = measure_latency({"dense": dense, "pruned": pruned}, x, threads=threads, repeats=repeats, warmup=3)
+        r["latency"] = {"batch": batch, "threads": threads, "repeats": repeats, "device": "cpu",
+                        "dense_ms": lat["dense"]["median_ms"], "pruned_ms": lat["pruned"]["median_ms"],
+                        "speedup": lat["dense"]["median_ms"] / lat["pruned"]["median_ms"],
+                        "how": "architecture rebuilt from plan_widths, eager PyTorch, interleaved with dense"}
+        atomic_write_json(path, r)
+        _log(f"{path.parent.name}/{path.stem}: latency {r['latency']['speedup']:.2f}x")
+        done += 1
+    return done
 
 
 def run_one(ctx: SweepContext, model_name: str, criterion: str, budget: str, target: float, seed: int) -> dict | None:
@@ -581,7 +636,10 @@ HEADER = [
     "deviation over seeds (n = number of seeds); \"change vs dense\" is the mean over seeds of fine-tuned minus "
     "dense accuracy, in percentage points (pp). Every criterion of a (model, seed) saw the same calibration "
     "batches and the same fine-tuning budget. `tp-*` rows are Torch-Pruning's own MetaPruner (global pruning, "
-    "classifier ignored, ratio bisected to the target).",
+    "classifier ignored, ratio bisected to the target). **CPU speed-up**: dense / pruned median latency in eager "
+    "PyTorch, batch 64, 2 threads, the two timed interleaved by `python benchmarks/sweep.py --latency` after the "
+    "runs (the pruned architecture rebuilt from the run's per-layer widths, its parameter count checked); "
+    "\"-\" where it has not been measured (runs from before per-layer widths were recorded).",
     "",
 ]
 
@@ -598,14 +656,20 @@ def _table(key: TableKey, records: list[dict], links: list[str]) -> list[str]:
     if links:
         lines += ["Plots: " + " ".join(links), ""]
     lines += ["| criterion | params removed % | FLOPs removed % | one-shot acc % | fine-tuned acc % "
-              "| fine-tuned change vs dense (pp) | sensitivity s |", "|---|---|---|---|---|---|---|"]
+              "| fine-tuned change vs dense (pp) | sensitivity s | CPU speed-up |", "|---|---|---|---|---|---|---|---|"]
     for crit, cr in _by_criterion(records).items():
-        lines.append("| {} | {:.2f} | {:.2f} | {} | {} | {} | {:.2f} |".format(
+        lines.append("| {} | {:.2f} | {:.2f} | {} | {} | {} | {:.2f} | {} |".format(
             crit, 100 * statistics.fmean(r["params"]["removed"] for r in cr),
             100 * statistics.fmean(r["flops"]["removed"] for r in cr),
             _mean_std(_accuracies(cr, "oneshot")), _mean_std(_accuracies(cr)), _signed(_change_vs_dense(cr)),
-            statistics.fmean(r["sensitivity_seconds"] for r in cr)))
+            statistics.fmean(r["sensitivity_seconds"] for r in cr), _speedup(cr)))
     return lines + [""]
+
+
+def _speedup(records: list[dict]) -> str:
+    """Mean CPU speed-up over dense of the runs whose latency was measured (``--latency``), with n."""
+    values = [r["latency"]["speedup"] for r in records if "latency" in r]
+    return f"{statistics.fmean(values):.2f}x (n={len(values)})" if values else "-"
 
 
 def _implant_loss_goal(records: list[dict]) -> list[str]:
@@ -705,6 +769,11 @@ def write_tables(results_dir: Path = RESULTS) -> Path:
 
 # ------------------------------------------------------------------------------------------------ command line
 
+def load_dense_model(name: str, data, checkpoints: str | Path) -> nn.Module:
+    model = create_model(name, in_channels=data.in_channels, num_classes=data.num_classes)
+    return load_checkpoint_weights(model, Path(checkpoints) / f"{name}-fmnist.safetensors").eval()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -720,18 +789,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoints", default=str(ROOT / "checkpoints"), help="folder of <model>-fmnist.safetensors")
     p.add_argument("--tables-only", action="store_true", help="only regenerate docs/results/sweep/README.md")
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--latency", action="store_true",
+                   help="only measure the CPU latency (batch 64, 2 threads) of finished runs that lack it; run it "
+                        "when nothing else loads the machine")
     a = p.parse_args(argv)
-    if not a.tables_only:
+    if a.latency:
+        data = load_dataset(a.dataset, root=a.data_dir)
+        ctx = SweepContext(data, lambda name: load_dense_model(name, data, a.checkpoints), PRESETS[a.budget])
+        _log(f"latency measured for {measure_latencies(ctx)} run(s)")
+    elif not a.tables_only:
         preset = PRESETS[a.budget]
         if a.budget == "paper" and not str(a.device).startswith("cuda"):
             p.error("--budget paper needs --device cuda (160 epochs per run)")
         data = load_dataset(a.dataset, root=a.data_dir)
 
-        def load_dense(name: str) -> nn.Module:
-            model = create_model(name, in_channels=data.in_channels, num_classes=data.num_classes)
-            return load_checkpoint_weights(model, Path(a.checkpoints) / f"{name}-fmnist.safetensors").eval()
-
-        ctx = SweepContext(data, load_dense, preset, device=a.device, progress=a.progress)
+        ctx = SweepContext(data, lambda name: load_dense_model(name, data, a.checkpoints), preset, device=a.device,
+                           progress=a.progress)
         models = a.models or preset.models
         targets = a.targets or preset.targets
         criteria = a.criteria or preset.criteria

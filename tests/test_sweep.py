@@ -6,12 +6,9 @@ import json
 
 import torch
 
+from benchmarks_loader import load_benchmark
 from haprune.data import DatasetSplits, ImageDataset
 from haprune.models import create_model
-from benchmarks_loader import load_benchmark
-
-
-
 
 
 def _tiny_data() -> DatasetSplits:
@@ -51,3 +48,25 @@ def test_one_run_writes_json_and_resumes(tmp_path):
     # the tables come from the JSON only
     text = sweep.tables(tmp_path / "results")
     assert "test accuracy of the" in text and "| hap |" in text
+
+
+def test_latency_pass_rebuilds_each_runs_widths_and_fills_latency_once(tmp_path):
+    sweep = load_benchmark("sweep")
+    torch.manual_seed(0)
+    dense = create_model("resnet20", in_channels=1, num_classes=10).eval()
+    preset = dataclasses.replace(sweep.PRESETS["smoke"], name="tiny", epochs=0, calib_batches=1, calib_batch_size=16,
+                                 eval_limit=None)
+    ctx = sweep.SweepContext(_tiny_data(), lambda name: dense, preset, results_dir=tmp_path / "results",
+                             runs_dir=tmp_path / "runs")
+    for criterion in ("hap+ni-zeros", "tp-magnitude-l2"):  # an implanted plan, and Torch-Pruning's own surgery
+        sweep.run_one(ctx, "resnet20", criterion, "params", 0.5, 0)
+    tp_widths = json.loads((tmp_path / "results" / "resnet20" / "tiny__tp-magnitude-l2__p50__s0.json").read_text()
+                           )["details"]["plan_widths"]
+    assert any(removed > 0 for _, removed, _ in tp_widths.values())
+    # measure_latencies raises if a rebuilt architecture's parameter count differs from the run's
+    assert sweep.measure_latencies(ctx, tmp_path / "results", batch=2, threads=1, repeats=2) == 2
+    for path in (tmp_path / "results" / "resnet20").glob("*.json"):
+        lat = json.loads(path.read_text())["latency"]
+        assert lat["speedup"] > 0 and lat["batch"] == 2 and lat["dense_ms"] > 0
+    assert sweep.measure_latencies(ctx, tmp_path / "results", batch=2, threads=1, repeats=2) == 0
+    assert "CPU speed-up" in sweep.tables(tmp_path / "results")
