@@ -182,7 +182,8 @@ def test_sampled_fisher_is_close_to_ggn_with_many_samples(sampling, tol):
     assert ((f.trace - g.trace).abs() / g.trace).median() < tol
 
 
-def test_importance_draws_are_unbiased_for_any_per_pair_quantity():
+@pytest.mark.parametrize("parts", [1, 4])
+def test_importance_draws_are_unbiased_for_any_per_pair_quantity(parts):
     # sum over drawn pairs of weight * f(n, k) must average to sum_nk p_nk f(n, k) for any f >= 0. The test's f
     # is ||p_n - e_k||^2 times a random factor in [0.5, 1.5], as a squared gradient J^T (p_n - e_k) is: with f
     # unrelated to the proposal the estimate stays unbiased but too noisy for 4000 runs to show it.
@@ -191,20 +192,20 @@ def test_importance_draws_are_unbiased_for_any_per_pair_quantity():
     logit_sq = ((probs[:, None, :] - torch.eye(4, dtype=torch.float64)[None]) ** 2).sum(-1)
     f = logit_sq * (0.5 + torch.rand(5, 4, generator=gen, dtype=torch.float64))
     truth = (probs * f).sum()
-    for draws in (1, 3, 8):
+    for draws in (1, 3, 8) if parts == 1 else (4, 9):
         total = 0.0
         runs = 4000
         for seed in range(runs):
-            rows, labels, w = importance_draws(probs, draws, torch.Generator().manual_seed(seed))
+            rows, labels, w = importance_draws(probs, draws, torch.Generator().manual_seed(seed), parts)
             assert len(set(zip(rows.tolist(), labels.tolist()))) == len(rows) <= draws  # distinct pairs
-            assert (w > 0).all()
+            assert (w >= 0).all() and (w.sum(0) > 0).all()
             total += float((w * f[rows, labels]).sum())
         assert abs(total / runs - truth) / truth < 0.03, (draws, total / runs, truth)
 
 
 def test_importance_draws_with_certain_predictions_draw_nothing():
     rows, labels, w = importance_draws(torch.eye(3, dtype=torch.float64), 4, torch.Generator().manual_seed(0))
-    assert len(rows) == len(labels) == len(w) == 0
+    assert len(rows) == len(labels) == 0 and w.shape == (1, 0)
 
 
 def test_importance_fisher_beats_multinomial_at_equal_draws():
@@ -298,3 +299,32 @@ def test_per_sample_gradients_fall_back_to_a_loop_where_vmap_cannot_trace(criter
     a = estimate(net, S, [(x, y)], criterion, progress=False, seed=3)
     b = estimate(wrapped, S2, [(x, y)], criterion, progress=False, seed=3)
     assert torch.allclose(a.trace, b.trace, rtol=1e-10, atol=0)
+
+
+def test_importance_draws_parts_each_carry_an_equal_share():
+    # each part's draws are weighted 1 / (parts * its size) times p / pi, so per part sum(w * pi / p) = 1 / parts
+    probs = torch.softmax(3 * torch.randn(7, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64), -1)
+    logit_sq = ((probs[:, None, :] - torch.eye(5, dtype=torch.float64)[None]) ** 2).sum(-1)
+    pi = probs * logit_sq / (probs * logit_sq).sum()
+    for seed in range(10):
+        rows, labels, w = importance_draws(probs, 22, torch.Generator().manual_seed(seed), parts=4)
+        assert w.shape == (4, len(rows))
+        share = (w * pi[rows, labels] / probs[rows, labels]).sum(1)
+        assert torch.allclose(share, torch.full((4,), 0.25, dtype=torch.float64), rtol=1e-12), share
+
+
+def test_importance_fisher_standard_errors_are_honest():
+    # z = (estimate - exact GGN trace) / stderr over seeds: mean z^2 near 1 if the random-group errors are honest
+    net, x, y, S = small_problem(seed=7)
+    with torch.no_grad():
+        net.fc.weight.mul_(30)
+        net.fc.bias.mul_(30)
+    exact = estimate(net, S, [(x, y)], "ggn", progress=False).trace
+    z2 = []
+    for s in range(30):
+        f = estimate(net, S, [(x, y)], "fisher", progress=False, seed=s, samples_per_input=8)
+        assert f.info["stderr_groups"] == 8 and f.stderr.shape == exact.shape
+        z2.append(((f.trace - exact) / f.stderr).pow(2))
+    mean_z2 = torch.stack(z2).mean()
+    assert 0.3 < mean_z2 < 3.0, mean_z2
+    assert estimate(net, S, [(x, y)], "fisher", progress=False, sampling="multinomial").stderr is None

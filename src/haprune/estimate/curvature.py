@@ -192,7 +192,10 @@ def _auto_chunk(num_params: int, per_sample_copies: int, budget_bytes: float, it
 
 
 def _squared_grads(model: nn.Module, names: list[str]):
-    """A function accumulating sum_n w_n * (d CE(x_n, t_n) / d theta)^2 into ``acc``, per sample, chunked."""
+    """A function accumulating sum_n w_n * (d CE(x_n, t_n) / d theta)^2 into ``acc``, per sample, chunked.
+
+    ``w`` has shape (batch,), or (parts, batch) to accumulate several weighted sums at once into ``acc`` tensors
+    with a leading ``parts`` dimension (the per-sample gradients are computed once)."""
     params, others = _split_params(model, names)
 
     def sample_loss(p, x, t):
@@ -208,8 +211,9 @@ def _squared_grads(model: nn.Module, names: list[str]):
         plist = [live[n] for n in names]
         for i in range(len(x)):
             loss = F.cross_entropy(model(x[i:i + 1]), t[i:i + 1])
+            wi = w[..., i].double()
             for n, g in zip(names, torch.autograd.grad(loss, plist)):
-                acc[n] += float(w[i]) * g.double().pow(2)
+                acc[n] += wi.reshape(wi.shape + (1,) * g.dim()) * g.double().pow(2)
 
     def accumulate(acc: dict[str, torch.Tensor], x: torch.Tensor, t: torch.Tensor, w: torch.Tensor, size: int) -> None:
         if not state["vmap"]:
@@ -222,8 +226,9 @@ def _squared_grads(model: nn.Module, names: list[str]):
                     raise
                 state["vmap"] = False
                 return loop(acc, x, t, w)
+            spec = "b,b...->..." if w.dim() == 1 else "kb,b...->k..."
             for n, gn in g.items():  # squares and the chunk's sum in the model's dtype, the running sum in float64
-                acc[n] += torch.einsum("b,b...->...", w[s:s + size].to(gn.dtype), gn.pow(2)).double()
+                acc[n] += torch.einsum(spec, w[..., s:s + size].to(gn.dtype), gn.pow(2)).double()
 
     return params, accumulate
 
@@ -271,7 +276,7 @@ def ggn(model: nn.Module, structures: StructureSet, batches: list[Batch], *, los
             "info": {"samples": total, "loss": loss}}
 
 
-def importance_draws(probs: torch.Tensor, draws: int, generator: torch.Generator
+def importance_draws(probs: torch.Tensor, draws: int, generator: torch.Generator, parts: int = 1
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pairs (input n, label k) and weights for the importance-sampled Fisher of one batch.
 
@@ -283,7 +288,13 @@ def importance_draws(probs: torch.Tensor, draws: int, generator: torch.Generator
     per drawn input from its own pairs. Each distinct pair gets weight count * p_nk / (draws * pi_nk), so that
     sum over pairs of weight * g_nk^2 is an unbiased estimate of sum_n sum_k p_nk g_nk^2.
 
-    Returns (inputs, labels, weights) over the distinct pairs drawn.
+    With ``parts`` > 1 the draws are ``parts`` independent systematic samples (each with its own offset, sizes
+    summing to ``draws``), each weighted to estimate the total on its own, then averaged: the spread of those
+    independent estimates gives an honest standard error (one sample cut into interleaved groups would not: its
+    groups share one offset and the error comes out about twice too large).
+
+    Returns (inputs, labels, weights) over the distinct pairs drawn; weights has shape (parts, pairs), part j's
+    row being its estimate's weights divided by ``parts``, so that the rows sum to the weights of the average.
     """
     probs = probs.double().cpu()
     n, k = probs.shape
@@ -293,7 +304,7 @@ def importance_draws(probs: torch.Tensor, draws: int, generator: torch.Generator
     total = mass.sum()
     if not total > 0:  # every input predicted with certainty: no curvature anywhere
         empty = torch.zeros(0, dtype=torch.long)
-        return empty, empty, torch.zeros(0, dtype=torch.float64)
+        return empty, empty, torch.zeros(parts, 0, dtype=torch.float64)
     pi = mass / total
     # two stages: inputs by systematic sampling over their total mass (evenly spaced points on the cumulative sum,
     # one uniform offset: an input of mass m gets floor or ceil of draws * m, so with equal masses every input gets
@@ -301,18 +312,25 @@ def importance_draws(probs: torch.Tensor, draws: int, generator: torch.Generator
     per_input = pi.view(n, k).sum(1)
     cdf = per_input.cumsum(0)
     cdf[-1] = 1.0
-    points = (torch.rand((), generator=generator, dtype=torch.float64) + torch.arange(draws, dtype=torch.float64)) / draws
+    # ``parts`` independent systematic samples (each its own uniform offset), of sizes summing to ``draws``
+    sizes = [draws // parts + (1 if j < draws % parts else 0) for j in range(parts)]
+    points = torch.cat([(torch.rand((), generator=generator, dtype=torch.float64)
+                         + torch.arange(m, dtype=torch.float64)) / m for m in sizes])
+    part = torch.repeat_interleave(torch.arange(parts), torch.tensor(sizes))
+    scale = 1.0 / (parts * torch.tensor(sizes, dtype=torch.float64))[part]  # the mean of the parts' estimates
     rows = torch.searchsorted(cdf, points).clamp_max(n - 1)
-    rows = rows[per_input[rows] > 0]  # float round-off could land a point on an input of zero mass
+    ok = per_input[rows] > 0  # float round-off could land a point on an input of zero mass
+    rows, part, scale = rows[ok], part[ok], scale[ok]
     labels = torch.multinomial(pi.view(n, k)[rows], 1, generator=generator).squeeze(1)
-    idx = rows * k + labels
-    pairs, counts = torch.unique(idx, return_counts=True)
-    weights = counts.double() * probs.flatten()[pairs] / (draws * pi[pairs])
+    pairs, where = torch.unique(rows * k + labels, return_inverse=True)
+    weights = torch.zeros(parts, len(pairs), dtype=torch.float64)
+    weights.index_put_((part, where), scale, accumulate=True)
+    weights *= probs.flatten()[pairs] / pi[pairs]
     return pairs // k, pairs % k, weights
 
 
 def fisher(model: nn.Module, structures: StructureSet, batches: list[Batch], *, labels: str = "sampled",
-           sampling: str = "importance", samples_per_input: float = 1.0, seed: int = 0,
+           sampling: str = "importance", samples_per_input: float = 1.0, stderr_groups: int = 8, seed: int = 0,
            chunk_size: int | None = None, memory_budget_mb: float = 1024, progress: bool = True) -> dict[str, Any]:
     """Fisher diagonal from per-sample squared gradients of the cross-entropy (correctly per sample).
 
@@ -321,8 +339,10 @@ def fisher(model: nn.Module, structures: StructureSet, batches: list[Batch], *, 
     ``sampling``:
 
     - ``"importance"`` (default): (input, label) pairs from p_nk * ||p_n - e_k||^2 with systematic sampling
-      (:func:`importance_draws`); the cost is the distinct pairs drawn, at most the draws.
-    - ``"multinomial"``: for every input, ``samples_per_input`` labels y ~ softmax(logits) (an integer >= 1).
+      (:func:`importance_draws`); the cost is the distinct pairs drawn, at most the draws. Its standard error
+      comes from ``stderr_groups`` interleaved sub-samples (random groups; fewer where memory or draws are short).
+    - ``"multinomial"``: for every input, ``samples_per_input`` labels y ~ softmax(logits) (an integer >= 1);
+      no standard error.
 
     ``labels="true"``: the data's labels (the empirical Fisher), one gradient per input.
     """
@@ -340,7 +360,15 @@ def fisher(model: nn.Module, structures: StructureSet, batches: list[Batch], *, 
     num = sum(p.numel() for p in plist)
     _, accumulate = _squared_grads(model, names)
     gen = torch.Generator().manual_seed(seed)
-    diag = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in zip(names, plist)}
+    importance = labels == "sampled" and not multinomial
+    draws_per_batch = [max(1, round(samples_per_input * len(y))) for _, y in batches]
+    # importance sampling keeps ``parts`` interleaved sub-sums (random groups) for a standard error, as many as a
+    # quarter of the memory budget holds (at most stderr_groups, at most the draws of the smallest batch)
+    parts = 1
+    if importance:
+        parts = int(min(stderr_groups, min(draws_per_batch), memory_budget_mb * 2**20 / 4 // (8 * num)))
+        parts = parts if parts >= 2 else 1
+    acc = {n: torch.zeros((parts, *p.shape), dtype=torch.float64, device=p.device) for n, p in zip(names, plist)}
     size = chunk_size or _auto_chunk(num, 1, memory_budget_mb * 2**20, plist[0].element_size())
     inputs = sum(len(y) for _, y in batches)
     gradients = 0
@@ -349,26 +377,33 @@ def fisher(model: nn.Module, structures: StructureSet, batches: list[Batch], *, 
         with torch.no_grad():
             logits = model(x)
         check_loss(F.cross_entropy(logits, y), bi)
+        ones = torch.ones(1, len(x), device=x.device)
         if labels == "true":
-            accumulate(diag, x, y, torch.ones(len(x), device=x.device), size)
+            accumulate(acc, x, y, ones, size)
             gradients += len(x)
         elif multinomial:
             probs = logits.softmax(-1).double().cpu()
             for _ in range(int(samples_per_input)):
                 t = torch.multinomial(probs, 1, generator=gen).squeeze(1).to(x.device)
-                accumulate(diag, x, t, torch.full((len(x),), 1.0 / samples_per_input, device=x.device), size)
+                accumulate(acc, x, t, ones / samples_per_input, size)
                 gradients += len(x)
         else:
-            draws = max(1, round(samples_per_input * len(x)))
-            rows, t, w = importance_draws(logits.softmax(-1), draws, gen)
+            rows, t, w = importance_draws(logits.softmax(-1), draws_per_batch[bi], gen, parts)
             if len(rows):
                 rows = rows.to(x.device)
-                accumulate(diag, x[rows], t.to(x.device), w.to(device=x.device, dtype=logits.dtype), size)
+                accumulate(acc, x[rows], t.to(x.device), w.to(device=x.device, dtype=logits.dtype), size)
             gradients += len(rows)
         bar.update(len(x))
     bar.close()
-    diag = {n: (d / inputs).cpu() for n, d in diag.items()}
+    diag = {n: (a.sum(0) / inputs).cpu() for n, a in acc.items()}
+    stderr = None
+    if parts > 1:  # part k alone estimates the total as parts * (its sum): the spread of those gives the error
+        per_part = torch.stack([structures.reduce({n: parts * a[k].cpu() / inputs for n, a in acc.items()})
+                                for k in range(parts)])
+        stderr = per_part.std(0) / parts ** 0.5
     info = {"labels": labels, "samples": inputs, "gradients": gradients, "exact": False}
     if labels == "sampled":
         info.update({"sampling": sampling, "samples_per_input": samples_per_input})
-    return {"trace": structures.reduce(diag), "stderr": None, "diag": diag, "info": info}
+    if stderr is not None:
+        info["stderr_groups"] = parts
+    return {"trace": structures.reduce(diag), "stderr": stderr, "diag": diag, "info": info}
