@@ -44,6 +44,16 @@ def small_problem(act=nn.ReLU, seed=0):
     return net, x, y, build_structures(net, x[:1])
 
 
+def confident_problem():
+    """small_problem(seed=7) with the classifier scaled x30, so that the top class has p ~ 0.65-0.95 as on a
+    trained net; and its exact GGN traces."""
+    net, x, y, S = small_problem(seed=7)
+    with torch.no_grad():
+        net.fc.weight.mul_(30)
+        net.fc.bias.mul_(30)
+    return net, x, y, S, estimate(net, S, [(x, y)], "ggn", progress=False).trace
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_ggn_traces_equal_exact_hessian_on_piecewise_linear_nets(seed):
     net, x, y, S = small_problem(seed=seed)
@@ -209,14 +219,9 @@ def test_importance_draws_with_certain_predictions_draw_nothing():
 
 
 def test_importance_fisher_beats_multinomial_at_equal_draws():
-    # the point of importance sampling: on a confident net (the classifier scaled up so that the top class has
-    # p ~ 0.65-0.95, as on a trained net) one draw per input lands much closer to the exact GGN. (With near-uniform
-    # predictions, as at initialisation, the two are about equal; not what calibration sees.)
-    net, x, y, S = small_problem(seed=7)
-    with torch.no_grad():
-        net.fc.weight.mul_(30)
-        net.fc.bias.mul_(30)
-    exact = estimate(net, S, [(x, y)], "ggn", progress=False).trace
+    # the point of importance sampling: on a confident net one draw per input lands much closer to the exact GGN.
+    # (With near-uniform predictions, as at initialisation, the two are about equal; not what calibration sees.)
+    net, x, y, S, exact = confident_problem()
 
     def err(sampling):
         return statistics.fmean(
@@ -315,11 +320,7 @@ def test_importance_draws_parts_each_carry_an_equal_share():
 
 def test_importance_fisher_standard_errors_are_honest():
     # z = (estimate - exact GGN trace) / stderr over seeds: mean z^2 near 1 if the random-group errors are honest
-    net, x, y, S = small_problem(seed=7)
-    with torch.no_grad():
-        net.fc.weight.mul_(30)
-        net.fc.bias.mul_(30)
-    exact = estimate(net, S, [(x, y)], "ggn", progress=False).trace
+    net, x, y, S, exact = confident_problem()
     z2 = []
     for s in range(30):
         f = estimate(net, S, [(x, y)], "fisher", progress=False, seed=s, samples_per_input=8)
