@@ -3,7 +3,8 @@
     python benchmarks/sweep.py --budget smoke                          # ResNet-20, 1 target, 2 criteria (~2 min CPU)
     python benchmarks/sweep.py --budget cpu --models resnet20 --targets 0.5
     python benchmarks/sweep.py --budget paper --device cuda --data-dir /data/fmnist   # the paper's recipe (GPU)
-    python benchmarks/sweep.py --tables-only                           # rebuild docs/results/sweep/README.md
+    python benchmarks/sweep.py --tables-only                           # rebuild docs/results/sweep/README.md + SVGs
+    python benchmarks/sweep.py --latency                               # CPU latency of finished runs (quiet machine)
 
 Resumable: each finished run is ``docs/results/sweep/<model>/<run-id>.json`` (run id
 ``<budget>__<criterion>__<p|f><percent>__s<seed>``) and a rerun skips it; fine-tuning
@@ -787,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-dir", default=None, help="folder with the IDX .gz files (or HAPRUNE_DATA_DIR)")
     p.add_argument("--checkpoints", default=str(ROOT / "checkpoints"), help="folder of <model>-fmnist.safetensors")
-    p.add_argument("--tables-only", action="store_true", help="only regenerate docs/results/sweep/README.md")
+    p.add_argument("--tables-only", action="store_true", help="only regenerate docs/results/sweep/README.md and its SVG plots")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--latency", action="store_true",
                    help="only measure the CPU latency (batch 64, 2 threads) of finished runs that lack it; run it "
