@@ -9,9 +9,11 @@ import torch.nn as nn
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from haprune.apply import ImplantConv2d, PlanMismatchError, apply_plan
+from haprune.apply import ImplantConv2d, PlanMismatchError, _output_similarity, apply_plan
+from haprune.apply.implant import LstsqAccumulator
 from haprune.graph import NothingPrunableError, build_structures
 from haprune.plan import CostModel, GroupPlan, Plan, make_plan
+from haprune.recover import reestimate_batchnorm
 from nets import make_net
 
 
@@ -85,7 +87,8 @@ def test_zero_implant_equals_removed_plus_zeroed_rows(kind):
 
 
 @pytest.mark.parametrize("kind", ["1x1", "separable"])
-def test_lstsq_implant_reproduces_a_1x1_representable_channel_exactly(kind):
+def test_lstsq_implant_reproduces_a_1x1_representable_channel_exactly(kind, monkeypatch):
+    monkeypatch.setattr("haprune.apply._select_implants", lambda *a: None)  # the fit alone, every layer kept
     net, x, S, cost = setup(widths=(6, 8), blocks=1)
     net = net.double()
     scores = torch.rand(S.num_structures, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -107,6 +110,124 @@ def test_lstsq_implant_reproduces_a_1x1_representable_channel_exactly(kind):
     torch.testing.assert_close(fitted(xb), removal_only(xb), rtol=1e-7, atol=1e-7)
     zeros = apply_plan(net, plan, x.double(), structures=S, implant_init="zeros")
     assert (zeros(xb) - removal_only(xb)).abs().max() > 1e-3  # the fit did something
+
+
+@pytest.mark.parametrize("k,stride,size", [(3, 1, 9), (3, 2, 9), (3, 2, 10), (5, 1, 8), (5, 2, 11)])
+def test_lstsq_accumulator_aligns_the_1x1_input_with_the_kxk_centre(k, stride, size):
+    """Rows whose only non-zero taps are the centre ones (padding k // 2) are reproduced to 1e-6 in float64;
+    the kept rows (full k x k, not 1 x 1-representable) are not part of the fit."""
+    torch.manual_seed(k * 10 + stride)
+    conv = nn.Conv2d(5, 7, k, stride, k // 2, bias=False).double()
+    m = 3
+    with torch.no_grad():
+        centre = conv.weight[-m:, :, k // 2, k // 2].clone()
+        conv.weight[-m:] = 0
+        conv.weight[-m:, :, k // 2, k // 2] = centre
+    acc = LstsqAccumulator(conv, m)
+    for _ in range(2):
+        x = torch.randn(4, 5, size, size, dtype=torch.float64)
+        acc.add(x, conv(x))
+    point = nn.Conv2d(5, m, 1, stride, 0, bias=False).double()
+    with torch.no_grad():
+        point.weight.copy_(acc.solve())
+    x = torch.randn(3, 5, size, size, dtype=torch.float64)
+    torch.testing.assert_close(point(x), conv(x)[:, -m:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(point.weight[:, :, 0, 0], centre, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("conv_name", ["layers.0.conv1", "layers.1.conv1", "layers.1.conv2"])  # stride 1, 2, 1
+def test_lstsq_fit_errs_less_than_a_zero_implant_on_held_out_inputs(conv_name):
+    """On a net's real (post-ReLU, correlated) activations, the fitted 1 x 1 rows reproduce the k x k rows better
+    than zero does, on inputs not used for the fit, and the fit is the least-squares optimum on its own data."""
+    net = make_net(3, widths=(6, 8), blocks=1).double()
+    conv, m = net.get_submodule(conv_name), 3
+    seen = []
+    hook = conv.register_forward_hook(lambda mod, inp, out: seen.append((inp[0], out)) and None)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(6):
+            net(torch.randn(16, 1, 10, 10, generator=gen, dtype=torch.float64))
+    hook.remove()
+    acc = LstsqAccumulator(conv, m)
+    for inp, out in seen[:4]:
+        acc.add(inp, out)
+    w = acc.solve()
+    point = nn.Conv2d(conv.in_channels, m, 1, conv.stride, 0, bias=False).double()
+
+    def error(weight, pairs):
+        with torch.no_grad():
+            point.weight.copy_(weight)
+            return sum(float(((point(i) - o[:, -m:]) ** 2).sum()) for i, o in pairs)
+
+    held_out, calib = seen[4:], seen[:4]
+    assert error(w, held_out) < 0.9 * error(torch.zeros_like(w), held_out)
+    for _ in range(3):  # no nearby weight fits the calibration data better
+        assert error(w, calib) <= error(w + 1e-3 * torch.randn(w.shape, generator=gen, dtype=w.dtype), calib)
+
+
+def _implanted_setup(seed=0):
+    net, x, S, cost = setup(seed, widths=(6, 8), blocks=2)
+    scores = torch.rand(S.num_structures, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    plan = make_plan(S, scores, cost, 0.4, implant_ratio=0.5, tolerance=0.2)
+    assert plan.counts()["implanted"] > 0
+    gen = torch.Generator().manual_seed(seed + 100)
+    calib = [(torch.randn(16, 1, 10, 10, generator=gen), None) for _ in range(2)]
+    return net, x, S, plan, calib
+
+
+def _implant_weights(model):
+    return {n: (m.implant[0] if isinstance(m.implant, nn.Sequential) else m.implant).weight
+            for n, m in model.named_modules() if isinstance(m, ImplantConv2d)}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_lstsq_init_is_never_further_from_the_original_than_zeros_and_each_layer_is_fit_or_zero(seed, monkeypatch):
+    net, x, S, plan, calib = _implanted_setup(seed)
+    refs = [net(c).detach().double() for c, _ in calib]
+    zeros = apply_plan(net, plan, x, structures=S, implant_init="zeros")
+    lstsq = apply_plan(net, plan, x, structures=S, implant_init="lstsq", calibration=iter(calib))  # one-shot iterable
+    monkeypatch.setattr("haprune.apply._select_implants", lambda *a: None)
+    fit_only = apply_plan(net, plan, x, structures=S, implant_init="lstsq", calibration=calib)
+    before = copy.deepcopy(lstsq.state_dict())
+    assert _output_similarity(lstsq, calib, refs) >= _output_similarity(zeros, calib, refs) - 1e-12
+    assert _output_similarity(lstsq, calib, refs) >= _output_similarity(fit_only, calib, refs) - 1e-12
+    assert all(torch.equal(before[k_], v) for k_, v in lstsq.state_dict().items())  # scoring put the BN stats back
+    fitted = _implant_weights(fit_only)
+    for name, w in _implant_weights(lstsq).items():
+        assert torch.equal(w, fitted[name]) or not w.any()
+
+
+def test_a_harmful_fit_falls_back_to_the_zero_init(monkeypatch):
+    net, x, S, plan, calib = _implanted_setup(1)
+    harmful = lambda self, ridge=1e-8: 50 * torch.randn(self.m, self.xtx.shape[0], 1, 1, dtype=torch.float64)
+    monkeypatch.setattr(LstsqAccumulator, "solve", harmful)
+    lstsq = apply_plan(net, plan, x, structures=S, implant_init="lstsq", calibration=calib)
+    zeros = apply_plan(net, plan, x, structures=S, implant_init="zeros")
+    assert not any(w.any() for w in _implant_weights(lstsq).values())
+    xb = torch.randn(4, 1, 10, 10)
+    assert torch.equal(lstsq(xb), zeros(xb))
+
+
+def test_an_exact_fit_is_kept():
+    """Implants only (nothing removed), every implanted row 1 x 1-representable: the fit restores the original net."""
+    net, x, S, cost = setup(2, widths=(6, 8), blocks=1)
+    net = net.double()
+    implant = {name: [0, 2] for name in S.names if S[name].implantable and S[name].size >= 6}
+    plan = Plan({name: GroupPlan(S[name].size, [], implant.get(name, [])) for name in S.names})
+    for name, rows in implant.items():
+        for conv in S[name].implantable:
+            w = net.get_submodule(conv).weight
+            with torch.no_grad():
+                centre = w[rows, :, 1, 1].clone()
+                w[rows] = 0
+                w[rows, :, 1, 1] = centre
+    calib = [(torch.randn(32, 1, 10, 10, dtype=torch.float64), None)]
+    reestimate_batchnorm(net, [torch.randn(64, 1, 10, 10, dtype=torch.float64)])  # statistics of the data, as trained
+    lstsq = apply_plan(net, plan, x.double(), structures=S, implant_init="lstsq", calibration=calib)
+    assert not any(not w.any() for w in _implant_weights(lstsq).values())
+    assert sum(m.num_implanted for m in lstsq.modules() if isinstance(m, ImplantConv2d)) >= 4
+    xb = torch.randn(4, 1, 10, 10, dtype=torch.float64)
+    torch.testing.assert_close(lstsq(xb), net(xb), rtol=1e-7, atol=1e-7)
 
 
 def test_inplace_modifies_only_after_success_and_default_copies():
@@ -222,7 +343,8 @@ class ScatterImplant(nn.Module):
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_permuted_implants_equal_the_scatter_formulation(seed):
+def test_permuted_implants_equal_the_scatter_formulation(seed, monkeypatch):
+    monkeypatch.setattr("haprune.apply._select_implants", lambda *a: None)  # keep every implant non-zero
     net, x, S, cost = setup(seed, widths=(6, 8, 10), blocks=2)
     scores = torch.rand(S.num_structures, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     plan = make_plan(S, scores, cost, 0.4, implant_ratio=0.5, tolerance=0.2)

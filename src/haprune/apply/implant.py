@@ -8,7 +8,8 @@ no scatter into a full-width tensor on each forward (the official code's extra c
 
 Initialisation: ``zeros`` (the official code: the channel starts as if removed and learns during fine-tuning)
 or ``lstsq`` (ours): the 1 x 1 weights that reproduce the original k x k channel's output on calibration data
-in the least-squares sense.
+in the least-squares sense (:class:`LstsqAccumulator`); ``haprune.apply`` then keeps each layer's fit only where it
+brings the network's output closer to the original than a zero implant does.
 """
 from __future__ import annotations
 
