@@ -142,7 +142,7 @@ def tables(results: dict, meta: dict) -> str:
 def round_to_summary(results: dict) -> str:
     """Per round_to: geometric means over the settings of the speed-up over dense, the FLOPs reduction, and the
     speed-up over the unrounded plan (``remove``) at the same parameter budget, by runtime and batch."""
-    rows: dict[tuple[str, int, str], list[tuple[float, float, float]]] = {}
+    rows: dict[tuple[str, int, int], list[tuple[float, float, float]]] = {}
     for entry in results.values():
         by_variant = {r["variant"]: r for r in entry["rows"]}
         for name, r in by_variant.items():
@@ -150,7 +150,7 @@ def round_to_summary(results: dict) -> str:
             if name == "dense" or base is None:
                 continue
             step = VARIANTS[name.split("@")[0]].get("round_to", 1)
-            key = (entry["runtime"], entry["batch"], str(step))
+            key = (entry["runtime"], entry["batch"], step)
             rows.setdefault(key, []).append((r["speedup"], r["flops_reduction"], base["median_ms"] / r["median_ms"]))
 
     def gmean(xs: list[float]) -> float:
@@ -159,7 +159,7 @@ def round_to_summary(results: dict) -> str:
     out = ["## Summary: geometric means over models", "",
            "| runtime | batch | round_to | speed-up over dense | FLOPs reduction | ratio | speed-up over round_to 1 | n |",
            "|---|---|---|---|---|---|---|---|"]
-    for (runtime, batch, step), vals in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1], int(kv[0][2]))):
+    for (runtime, batch, step), vals in sorted(rows.items()):
         sp, fr, rel = (gmean([v[i] for v in vals]) for i in range(3))
         out.append(f"| {runtime} | {batch} | {step} | {sp:.2f}x | {fr:.2f}x | {sp / fr:.2f} | {rel:.2f}x | {len(vals)} |")
     return "\n".join(out + [""])

@@ -306,13 +306,13 @@ def importance_draws(probs: torch.Tensor, draws: int, generator: torch.Generator
         empty = torch.zeros(0, dtype=torch.long)
         return empty, empty, torch.zeros(parts, 0, dtype=torch.float64)
     pi = mass / total
-    # two stages: inputs by systematic sampling over their total mass (evenly spaced points on the cumulative sum,
-    # one uniform offset: an input of mass m gets floor or ceil of draws * m, so with equal masses every input gets
-    # its share, as with one label per input), then each drawn input's label independently from its own share
+    # two stages: inputs by systematic sampling over their total mass (in each of the ``parts`` independent samples,
+    # evenly spaced points on the cumulative sum from one uniform offset: an input of mass m gets floor or ceil of
+    # size * m points, so with equal masses every input gets its share), then each drawn input's label
+    # independently from its own share
     per_input = pi.view(n, k).sum(1)
     cdf = per_input.cumsum(0)
     cdf[-1] = 1.0
-    # ``parts`` independent systematic samples (each its own uniform offset), of sizes summing to ``draws``
     sizes = [draws // parts + (1 if j < draws % parts else 0) for j in range(parts)]
     points = torch.cat([(torch.rand((), generator=generator, dtype=torch.float64)
                          + torch.arange(m, dtype=torch.float64)) / m for m in sizes])
