@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     text = tables(results, meta)
     if a.round_to_study:
         text = text.replace("# CPU latency of pruned models", "# CPU latency of pruned models: which `round_to`?", 1)
-        text = text.replace(f"`python benchmarks/latency.py`", "`python benchmarks/latency.py --round-to-study`", 1)
+        text = text.replace("`python benchmarks/latency.py`", "`python benchmarks/latency.py --round-to-study`", 1)
         text += "\n" + round_to_summary(results)
     atomic_write_text(RESULTS / f"{stem}.md", text)
     print((RESULTS / f"{stem}.md").read_text())
