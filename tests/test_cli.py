@@ -69,7 +69,11 @@ def test_prune_writes_a_complete_output_folder_that_eval_reloads(data_dir, train
     for key in ("before", "after_oneshot", "after_finetune"):
         assert 0.0 <= report["accuracy"][key] <= 1.0
     assert report["latency"]["speedup"] > 0
-    assert report["onnx"]["max_abs_diff"] < 1e-4
+    assert report["onnx"]["max_abs_diff"] < 1e-4  # model.onnx is the merged form, checked against the trained one
+    # latency and ONNX run the deployment form: implanted layers merged into one k x k conv, which costs more MACs
+    assert report["deployed"]["merged_implants"] > 0
+    assert report["deployed"]["flops"] > report["flops"]["after"]
+    assert report["deployed"]["params"] > report["params"]["after"]
     assert {"plan.json", "model.safetensors", "model.json", "model.onnx"} <= {p.name for p in out.iterdir()}
     # a fresh process reloads the folder onto the base architecture and measures the same accuracy
     res = subprocess.run([sys.executable, "-m", "haprune.cli", "eval", str(out), "--data-dir", str(data_dir)],

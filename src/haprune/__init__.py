@@ -8,15 +8,16 @@ The steps, each a module with a small API:
                              haprune.CostModel(model, structures, example_inputs), target=0.5)   # plan
     pruned = haprune.apply_plan(model, plan, example_inputs, structures=structures)           # apply
     haprune.recover.finetune(pruned, train_data, val_data, FinetuneConfig(...))               # recover
+    deployed = haprune.merge_implants(pruned)   # each implanted layer as one k x k conv, for inference/export
 """
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .apply import ImplantConv2d, apply_plan
+from .apply import ImplantConv2d, apply_plan, merge_implants
 from .estimate import Sensitivity
 from .graph import StructureSet, build_structures
 from .plan import CostModel, Plan, make_plan
 
 __all__ = ["__version__", "build_structures", "StructureSet", "Sensitivity", "make_plan", "Plan",
-           "CostModel", "apply_plan", "ImplantConv2d"]
+           "CostModel", "apply_plan", "merge_implants", "ImplantConv2d"]

@@ -19,7 +19,7 @@ import torch
 
 from . import __version__
 from ._fileio import atomic_write_json
-from .apply import IMPLANT_INITS, apply_plan
+from .apply import IMPLANT_INITS, ImplantConv2d, apply_plan, merge_implants
 from .data import batches, load_dataset
 from .data.datasets import DatasetNotFoundError
 from .estimate import CRITERIA, SCORE_RULES, CalibrationDataError, estimate
@@ -171,16 +171,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
                              log_fn=lambda r: _log(f"fine-tune epoch {r.epoch}: val {r.val_accuracy:.4f}"))
         acc_ft = _eval(pruned, data.test, args.eval_limit)
 
-    # 5. report (on the CPU: latency is CPU latency)
+    # 5. report (on the CPU: latency is CPU latency). Latency and ONNX are of the deployment form, each implanted
+    # layer merged into one k x k conv (faster on the CPU: docs/results/latency_quick.md), unless --no-merge-implants
     pruned, dense, example = pruned.cpu().eval(), dense.cpu(), example.cpu()
-    latency = measure_latency({"dense": dense, "pruned": pruned}, torch.randn(args.latency_batch, *example.shape[1:]),
+    deployed = pruned if args.no_merge_implants else merge_implants(pruned)
+    latency = measure_latency({"dense": dense, "pruned": deployed},
+                              torch.randn(args.latency_batch, *example.shape[1:]),
                               threads=args.threads, repeats=args.latency_repeats)
     save_pruned(out, pruned, plan)
     atomic_write_json(out / MODEL_SPEC, {"model": args.model, "dataset": data.name, "in_channels": data.in_channels,
                                          "num_classes": data.num_classes, "image_size": data.image_size})
     onnx_info = None
     if args.onnx:
-        path = export_onnx(pruned, example, out / "model.onnx")
+        path = export_onnx(deployed, example, out / "model.onnx")  # checked against the unmerged model
         onnx_info = {"path": str(path), "max_abs_diff": onnx_matches(pruned, path, data.test.tensors[0][:16])}
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     report = build_report(
@@ -191,6 +194,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     )
     report["finetune"] = ft_result.to_dict() if ft_result else None
     report["onnx"] = onnx_info
+    report["deployed"] = {"merged_implants": sum(isinstance(m, ImplantConv2d) for m in pruned.modules())
+                          - sum(isinstance(m, ImplantConv2d) for m in deployed.modules()),
+                          **model_costs(deployed, example)}  # what latency and model.onnx run: merged rows cost k x k
     report["refused_groups"] = [{"group": n, "why": w} for n, w in structures.refused]
     write_report(out / "report.json", report)
     _print_summary(report, plan)
@@ -328,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-repeats", type=int, default=20, help="(default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for latency (default: torch's)")
     p.add_argument("--onnx", action="store_true", help="also export model.onnx and check it in ONNX Runtime")
+    p.add_argument("--no-merge-implants", action="store_true",
+                   help="time and export implanted layers as k x k conv + 1 x 1 conv + concat (as trained) instead of "
+                        "merged into one k x k conv (more multiply-adds, but faster on the CPU)")
     _add_data_args(p)
     _add_estimate_args(p)
     _add_train_args(p, lr=0.01)

@@ -23,9 +23,9 @@ import torch.nn as nn
 
 from ..graph import Group, StructureSet, _forward, _output_shapes, build_dependency_graph, build_structures
 from ..plan import Plan
-from .implant import IMPLANT_INITS, ImplantConv2d, LstsqAccumulator, make_implant, set_implant_weight
+from .implant import IMPLANT_INITS, ImplantConv2d, LstsqAccumulator, make_implant, merge_implants, set_implant_weight
 
-__all__ = ["apply_plan", "ImplantConv2d", "IMPLANT_INITS", "PlanMismatchError"]
+__all__ = ["apply_plan", "merge_implants", "ImplantConv2d", "IMPLANT_INITS", "PlanMismatchError"]
 
 
 class PlanMismatchError(ValueError):
