@@ -819,6 +819,13 @@ def markdown(doc: dict[str, Any]) -> str:
         "smoke version (batch 32, ResNet-20 and its GELU variant, 3/30 probes) writing "
         "`docs/results/hessian_speed_quick.json`; it does not touch this page.",
         "",
+        "Speed of the pruned models themselves (CPU latency in eager PyTorch and ONNX Runtime, dense vs pruned, "
+        "with and without implants) is measured by `benchmarks/latency.py` on its own pages: "
+        "[latency_quick.md](latency_quick.md) (`--quick`: ResNet-56, 50% of parameters removed, batch 64, "
+        "2 threads, with its goals), [latency.md](latency.md) (the full matrix), "
+        "[latency_round_to.md](latency_round_to.md) (`--round-to-study`) and [latency_profile.md](latency_profile.md) "
+        "(`--profile`: where the time goes per stage).",
+        "",
         f"Setup: one calibration batch of {s['batch']} Fashion-MNIST training images (a seed-0 permutation of the "
         "training split), the same batch for every estimator; the project's trained checkpoints; eval mode; "
         f"CPU `{s['processor']}`, {s['threads']} threads (torch {s['torch']}, Python {s['python']}). "

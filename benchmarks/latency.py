@@ -233,6 +233,33 @@ def tables(results: dict, meta: dict) -> str:
     return "\n".join(out)
 
 
+def goals(results: dict) -> str:
+    """Issue #8's goals on the --quick table (ResNet-56, 50% of parameters removed, batch 64, 2 threads), per runtime:
+    speed-up >= 0.8 x FLOPs reduction for the default plan (widths multiples of 4), and implanted models (merged, as
+    deployed) no slower than removal-only models planned for the same parameter budget."""
+    out = ["## Goals", ""]
+    for entry in results.values():
+        rows = {r["variant"]: r for r in entry["rows"]}
+        rem, imp = rows.get("remove-round4@50"), rows.get("implant-1x1-round4-merged@50")
+        split = rows.get("implant-1x1-round4@50")
+        if rem is None or imp is None:
+            continue
+        where = f"{entry['model']} {entry['runtime']}, batch {entry['batch']}, {entry['threads']} threads"
+        ratio = rem["speedup_over_flops_reduction"]
+        out.append(f"- **{where}: speed-up >= 0.8 x FLOPs reduction** (`remove-round4@50`): {rem['speedup']:.2f}x for "
+                   f"{rem['flops_reduction']:.2f}x, ratio {ratio:.2f} ({'met' if ratio >= 0.8 else 'not met'}).")
+        slower = imp["median_ms"] / rem["median_ms"]
+        overlap = imp["p10_ms"] <= rem["p90_ms"] and rem["p10_ms"] <= imp["p90_ms"]
+        verdict = "met" if slower <= 1.0 else "met within the p10-p90 spread" if overlap else "not met"
+        line = (f"- **{where}: implanted no slower than removal-only**: merged implants {imp['median_ms']:.2f} ms vs "
+                f"removal {rem['median_ms']:.2f} ms ({slower:.3f}x; {verdict})")
+        if split:
+            line += (f"; FLOPs as trained {split['flops_reduction']:.2f}x vs {rem['flops_reduction']:.2f}x; unmerged "
+                     f"(k x k + 1 x 1 + concat) {split['median_ms']:.2f} ms ({split['median_ms'] / rem['median_ms']:.3f}x)")
+        out.append(line + ".")
+    return "\n".join(out + [""]) if len(out) > 2 else ""
+
+
 def round_to_summary(results: dict) -> str:
     """Per round_to: geometric means over the settings of the speed-up over dense, the FLOPs reduction, and the
     speed-up over the unrounded plan (``remove``) at the same parameter budget, by runtime and batch."""
@@ -289,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         elif a.quick:
             plan = [("resnet56", 28, [0.5], ["remove", "implant-1x1", "implant-1x1-merged", "remove-round4",
                                              "implant-1x1-round4", "implant-1x1-round4-merged"], [64], [2],
-                     ["eager", "onnx"], a.repeats or 8)]
+                     ["eager", "onnx"], a.repeats or 20)]
         else:
             plan = [(m, s, [0.3, 0.5, 0.7], list(VARIANTS), [1, 64], [1, 2], ["eager", "onnx"], a.repeats or 10)
                     for m in ("resnet56", "vgg16_bn") for s in (28, 32)]
@@ -301,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         text = text.replace("# CPU latency of pruned models", "# CPU latency of pruned models: which `round_to`?", 1)
         text = text.replace("`python benchmarks/latency.py`", "`python benchmarks/latency.py --round-to-study`", 1)
         text += "\n" + round_to_summary(results)
+    elif a.quick:
+        text += "\n" + goals(results)
     atomic_write_text(RESULTS / f"{stem}.md", text)
     print((RESULTS / f"{stem}.md").read_text())
     return 0
