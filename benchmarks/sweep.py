@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 import haprune
 from haprune._fileio import atomic_write_json, atomic_write_text
-from haprune.apply import apply_plan
+from haprune.apply import apply_plan, merge_implants
 from haprune.data import batches, load_dataset
 from haprune.estimate import estimate
 from haprune.graph import build_structures
@@ -341,12 +341,14 @@ def measure_latencies(ctx: SweepContext, results_dir: Path = RESULTS, batch: int
         if count_params(pruned) != r["params"]["after"]:
             raise RuntimeError(f"{path.name}: widths rebuild {count_params(pruned)} params, the run had "
                                f"{r['params']['after']}")
+        pruned = merge_implants(pruned)  # timed as deployed: each implanted layer one k x k conv
         x = torch.randn(batch, *example.shape[1:])
         lat = measure_latency({"dense": dense, "pruned": pruned}, x, threads=threads, repeats=repeats, warmup=3)
         r["latency"] = {"batch": batch, "threads": threads, "repeats": repeats, "device": "cpu",
                         "dense_ms": lat["dense"]["median_ms"], "pruned_ms": lat["pruned"]["median_ms"],
                         "speedup": lat["dense"]["median_ms"] / lat["pruned"]["median_ms"],
-                        "how": "architecture rebuilt from plan_widths, eager PyTorch, interleaved with dense"}
+                        "how": "architecture rebuilt from plan_widths, implants merged (haprune.merge_implants), eager "
+                               "PyTorch, interleaved with dense"}
         atomic_write_json(path, r)
         _log(f"{path.parent.name}/{path.stem}: latency {r['latency']['speedup']:.2f}x")
         done += 1

@@ -18,6 +18,7 @@ from haprune.recover import (
     EpochRecord,
     FinetuneConfig,
     NonFiniteLossError,
+    batchnorm_stats_restored,
     checkpoint_config,
     distillation_loss,
     evaluate,
@@ -86,6 +87,22 @@ def test_reestimate_batchnorm_without_batches_keeps_the_old_statistics() -> None
     with pytest.raises(ValueError, match="no batches"):
         reestimate_batchnorm(model, [])
     assert model[0].running_mean.item() == 7.0 and model[0].momentum == 0.1
+
+
+def test_batchnorm_stats_restored_puts_every_buffer_back_also_after_an_error() -> None:
+    model = toy_net()
+    model[0].running_mean.fill_(7.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with batchnorm_stats_restored(model):
+        reestimate_batchnorm(model, [torch.randn(8, 1, 6, 6) * 5 + 2])
+        assert model[0].running_mean.abs().max() < 7.0  # changed inside
+    with pytest.raises(RuntimeError, match="inside"):
+        with batchnorm_stats_restored(model):
+            model[0].running_var.fill_(-1.0)
+            model[0].num_batches_tracked.fill_(99)
+            raise RuntimeError("inside")
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_distillation_loss() -> None:

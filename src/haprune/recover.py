@@ -5,13 +5,14 @@ Checkpoints hold no pickles: tensors go to safetensors files, everything else to
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -89,6 +90,19 @@ def _bn_restore(norms: List[_BatchNorm], snapshot: List[Dict[str, torch.Tensor]]
     for m, buffers in zip(norms, snapshot):
         for name, value in buffers.items():
             getattr(m, name).copy_(value)
+
+
+@contextlib.contextmanager
+def batchnorm_stats_restored(model: nn.Module) -> Iterator[None]:
+    """Inside the block BatchNorm running statistics may change (e.g. by :func:`reestimate_batchnorm`); on leaving
+    it, normally or by an error, every BatchNorm's running mean, variance and batch count are put back."""
+    norms = _batchnorms(model)
+    snapshot = _bn_snapshot(norms)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            _bn_restore(norms, snapshot)
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from ..graph import Group, StructureSet, _forward, _output_shapes, build_dependency_graph, build_structures
 from ..plan import Plan
+from ..recover import batchnorm_stats_restored, reestimate_batchnorm
 from .implant import IMPLANT_INITS, ImplantConv2d, LstsqAccumulator, make_implant, merge_implants, set_implant_weight
 
 __all__ = ["apply_plan", "merge_implants", "ImplantConv2d", "IMPLANT_INITS", "PlanMismatchError"]
@@ -190,20 +191,13 @@ def _output_similarity(model: nn.Module, calibration: list, reference: list[torc
     prefers a confidently wrong model. Measured on ResNet-20 / Fashion-MNIST, the cosine ranked the inits in the
     order of their test accuracies where the KL to the original and the cross-entropy ranked them in reverse.
     """
-    from ..recover import _batchnorms, _bn_restore, _bn_snapshot, reestimate_batchnorm
-
-    norms = _batchnorms(model)
-    snapshot = _bn_snapshot(norms)
-    try:
-        if norms:
-            reestimate_batchnorm(model, calibration)
+    with batchnorm_stats_restored(model):
+        reestimate_batchnorm(model, calibration)  # a no-op for a model without BatchNorm
         total, count = 0.0, 0
         for out, ref in zip(_outputs(model, calibration), reference):
             out, ref = out - out.mean(1, keepdim=True), ref - ref.mean(1, keepdim=True)
             total += float(torch.nn.functional.cosine_similarity(out, ref, dim=1, eps=1e-12).sum())
             count += out.shape[0]
-    finally:
-        _bn_restore(norms, snapshot)
     return total / max(count, 1)
 
 
