@@ -194,7 +194,8 @@ def profile_table(prof: dict) -> str:
            f"{prof['model']}, {prof['size']}x{prof['size']}, batch {prof['batch']}, {prof['threads']} threads, "
            f"ORT profiler kernel times summed per stage, mean of {prof['runs']} runs; pruned = `{prof['variant']}`. "
            "MACs per sample; conv elements = input + output elements of the stage's convs per sample (the memory "
-           "traffic a conv cannot avoid).", "",
+           "traffic a conv cannot avoid). ORT nodes whose names carry no stage (the stem conv, pooling, the classifier and "
+           "the layout conversions `ReorderOutput` that ORT inserts into the optimised graph) count under stem+head.", "",
            "| stage | dense ms | pruned ms | time reduction | MACs reduction | conv-elements reduction | "
            "share of dense time |", "|---|---|---|---|---|---|---|"]
     total = sum(v["ms"] for v in dense.values())
