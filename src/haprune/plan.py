@@ -16,12 +16,15 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn as nn
 
 from .graph import StructureSet, _forward, eval_mode
+
+if TYPE_CHECKING:
+    from .latency import LatencyTable
 
 IMPLANT_KINDS = ("1x1", "separable")  # CNN implants; haprune.hf plans use "lowrank" (attention heads)
 PLAN_VERSION = 1
@@ -105,9 +108,14 @@ class _TensorCost:
 
 
 class CostModel:
-    """Exact parameter and FLOP counts of the model after any plan, from per-group channel counts."""
+    """Exact parameter and FLOP counts of the model after any plan, from per-group channel counts.
 
-    def __init__(self, model: nn.Module, structures: StructureSet, example_inputs: Any):
+    With ``latency`` (a :class:`haprune.latency.LatencyTable` measured on this model) it also predicts the
+    forward time (:meth:`latency_ms`), which ``make_plan(..., budget="latency")`` plans against.
+    """
+
+    def __init__(self, model: nn.Module, structures: StructureSet, example_inputs: Any,
+                 latency: "LatencyTable | None" = None):
         self.structures = structures
         gidx = {g.name: i for i, g in enumerate(structures)}
         spatial = _output_positions(model, example_inputs)
@@ -137,6 +145,48 @@ class CostModel:
                                             implant))
         self.sizes = [g.size for g in structures]
         self.num_groups = len(self.sizes)
+        self.latency_table = latency
+        if latency is not None:
+            self._init_latency(model, coupled, gidx, latency)
+
+    def _init_latency(self, model: nn.Module, coupled: dict[str, dict[int, tuple[int, int, int]]],
+                      gidx: dict[str, int], table: "LatencyTable") -> None:
+        # per timed layer: how its (input, output) width follows the groups: (group, positions per channel,
+        # uncoupled positions) or None (fixed), and the groups it depends on
+        self._layer_dims: dict[str, tuple[Any, Any, int, int]] = {}
+        self.group_layers: list[list[str]] = [[] for _ in self.sizes]
+        modules = dict(model.named_modules())
+        for name in table.layers:
+            m = modules.get(name)
+            if not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+                raise ValueError(f"the latency table times {name!r}, which is not a Conv/Linear layer of this model; "
+                                 "measure the table on this model (haprune.latency.measure_latency_table)")
+            full_in, full_out = (m.in_features, m.out_features) if isinstance(m, nn.Linear) else (
+                m.in_channels, m.out_channels)
+            dims = coupled.get(f"{name}.weight", {})
+            out_dim = dims.get(0)
+            depthwise = isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1
+            in_dim = out_dim if depthwise else dims.get(1)
+            self._layer_dims[name] = (in_dim, out_dim, full_in, full_out)
+            for d in {in_dim, out_dim} - {None}:
+                if name not in self.group_layers[d[0]]:
+                    self.group_layers[d[0]].append(name)
+
+    def layer_widths(self, alive: list[int], names: list[str] | None = None) -> dict[str, tuple[int, int]]:
+        """(input, output) width of the latency table's layers (or of ``names``) when group i keeps ``alive[i]``."""
+        def width(dim, full):
+            return full if dim is None else dim[2] + dim[1] * alive[dim[0]]
+        dims = self._layer_dims
+        return {n: (width(dims[n][0], dims[n][2]), width(dims[n][1], dims[n][3])) for n in (names or dims)}
+
+    def latency_ms(self, alive: list[int]) -> float:
+        """Predicted forward time (ms, the table's layers summed) when group i keeps ``alive[i]`` channels.
+
+        Implanted channels count as kept: merged for deployment (``haprune.merge_implants``) they are full
+        k x k rows."""
+        if self.latency_table is None:
+            raise ValueError("this CostModel has no latency table: pass latency=measure_latency_table(...)")
+        return self.latency_table.total_ms(self.layer_widths(alive))
 
     def count(self, alive: list[int], implanted: list[int] | None = None, kind: str = "1x1") -> tuple[int, int]:
         """(params, flops) when group i keeps ``alive[i]`` channels, ``implanted[i]`` of them as implants."""
@@ -205,7 +255,7 @@ def make_plan(
     cost: CostModel,
     target: float,
     *,
-    budget: Literal["params", "flops"] = "params",
+    budget: Literal["params", "flops", "latency"] = "params",
     max_layer_ratio: float = 0.9,
     min_channels: int = 1,
     implant_ratio: float = 0.0,
@@ -219,7 +269,11 @@ def make_plan(
 
     Args:
         scores: flat per-structure importance (higher = keep), in ``structures`` order.
-        target: fraction in [0, 1) of parameters (``budget="params"``) or FLOPs removed, including implants.
+        target: fraction in [0, 1) of parameters (``budget="params"``) or FLOPs removed, including implants; with
+            ``budget="latency"``, of the forward time that ``cost``'s latency table predicts. A latency plan removes,
+            group by group in steps of ``round_to`` channels, the channels with the smallest summed score per
+            millisecond saved (a greedy knapsack; a score order alone would spend accuracy on layers whose time
+            does not fall), and takes no implants (merged for deployment they cost what kept channels cost).
         max_layer_ratio: at most this fraction of any group's channels is removed (enforced, not a hint).
         min_channels: every group keeps at least this many channels (kept + implanted).
         implant_ratio: implant this many structures per removed one (e.g. 0.1), the next most important ones
@@ -234,8 +288,14 @@ def make_plan(
         raise ValueError(f"target must be a fraction in [0, 1), e.g. 0.5 for half the {budget}; got {target}")
     if not 0.0 <= max_layer_ratio <= 1.0:
         raise ValueError(f"max_layer_ratio must be in [0, 1], got {max_layer_ratio}")
-    if budget not in ("params", "flops"):
-        raise ValueError(f"budget must be 'params' or 'flops', got {budget!r}")
+    if budget not in ("params", "flops", "latency"):
+        raise ValueError(f"budget must be 'params', 'flops' or 'latency', got {budget!r}")
+    if budget == "latency" and cost.latency_table is None:
+        raise ValueError("budget='latency' needs a CostModel with a latency table: "
+                         "CostModel(model, structures, x, latency=haprune.latency.measure_latency_table(...))")
+    if budget == "latency" and implant_ratio > 0:
+        raise ValueError("budget='latency' plans no implants (merged for deployment an implanted channel costs what "
+                         "a kept one costs); use implant_ratio=0, or a params/flops budget for implants")
     if implant_kind not in IMPLANT_KINDS:
         raise ValueError(f"implant_kind must be one of {IMPLANT_KINDS}, got {implant_kind!r}")
     if implant_ratio < 0:
@@ -255,9 +315,16 @@ def make_plan(
     caps = [min(int(math.floor(max_layer_ratio * g.size + 1e-9)), g.size - min_channels) for g in structures]
     # each group's channels from least to most important, for rounding widths within a group
     ranked_in_group: list[list[int]] = [[] for _ in structures]
+    scores_in_group: list[list[float]] = [[] for _ in structures]  # the same order's scores
     for j in order:
         ranked_in_group[int(gof[j])].append(int(cof[j]))
+        scores_in_group[int(gof[j])].append(float(scores[j]))
     implantable = [bool(g.implantable) for g in structures]
+    if budget == "latency":
+        removed = _latency_removals(structures, scores_in_group, ranked_in_group, caps, cost, target, tolerance,
+                                    round_to)
+        return _finish_plan(structures, cost, removed, [[] for _ in names], implant_kind, target, budget, criterion,
+                            seed, round_to)
     which = 0 if budget == "params" else 1
     dense = cost.dense()[which]
 
@@ -328,18 +395,98 @@ def make_plan(
                     best = candidate
     removed, implanted, _, frac = best
     if abs(frac - target) > tolerance and target > 0:
-        raise BudgetError(f"the plan removes {frac:.2%} of {budget}, not within {tolerance:.0%} of {target:.0%}; "
-                          "the structures are too coarse for this target"
-                          + (f" with round_to={round_to}; use a smaller round_to" if round_to > 1 else "")
-                          + " (or pass a larger tolerance)")
+        raise _coarse(frac, target, budget, tolerance, round_to)
+    return _finish_plan(structures, cost, removed, implanted, implant_kind, target, budget, criterion, seed, round_to)
+
+
+def _coarse(frac: float, target: float, budget: str, tolerance: float, round_to: int) -> BudgetError:
+    return BudgetError(f"the plan removes {frac:.2%} of {budget}, not within {tolerance:.0%} of {target:.0%}; "
+                       "the structures are too coarse for this target"
+                       + (f" with round_to={round_to}; use a smaller round_to" if round_to > 1 else "")
+                       + " (or pass a larger tolerance)")
+
+
+def _finish_plan(structures: StructureSet, cost: CostModel, removed: list[list[int]], implanted: list[list[int]],
+                 implant_kind: str, target: float, budget: str, criterion: str, seed: int, round_to: int) -> Plan:
     alive = [g.size - len(r) for g, r in zip(structures, removed)]
     p_after, f_after = cost.count(alive, [len(i) for i in implanted], implant_kind)
     p0, f0 = cost.dense()
-    plan = Plan(
-        groups={n: GroupPlan(g.size, sorted(r), sorted(i)) for n, g, r, i in zip(names, structures, removed, implanted)},
+    achieved = {"params_before": p0, "params_after": p_after, "params_removed": 1 - p_after / p0,
+                "flops_before": f0, "flops_after": f_after, "flops_removed": 1 - f_after / max(f0, 1)}
+    if cost.latency_table is not None:
+        l0, l1 = cost.latency_ms(list(cost.sizes)), cost.latency_ms(alive)
+        achieved.update(latency_before_ms=l0, latency_after_ms=l1, latency_removed=1 - l1 / l0)
+    return Plan(
+        groups={n: GroupPlan(g.size, sorted(r), sorted(i))
+                for n, g, r, i in zip(structures.names, structures, removed, implanted)},
         implant_kind=implant_kind, target=target, budget=budget, criterion=criterion, seed=seed,
-        round_to=round_to,
-        achieved={"params_before": p0, "params_after": p_after, "params_removed": 1 - p_after / p0,
-                  "flops_before": f0, "flops_after": f_after, "flops_removed": 1 - f_after / max(f0, 1)},
+        round_to=round_to, achieved=achieved,
     )
-    return plan
+
+
+def _latency_removals(structures: StructureSet, scores_in_group: list[list[float]], ranked_in_group: list[list[int]],
+                      caps: list[int], cost: CostModel, target: float, tolerance: float,
+                      round_to: int) -> list[list[int]]:
+    """Greedy knapsack on predicted latency: per step, the move (one group to a smaller allowed width, its least
+    important channels first) with the least summed score per millisecond saved; moves that would overshoot
+    the target by more than ``tolerance`` are passed over while others remain."""
+    sizes = list(cost.sizes)
+    prefix = [[0.0] for _ in sizes]  # prefix[g][r]: summed score of the group's r least important channels
+    for gi, sc in enumerate(scores_in_group):
+        for v in sc:
+            prefix[gi].append(prefix[gi][-1] + v)
+    options = [[r for r in range(1, cap + 1) if (size - r) % round_to == 0] for size, cap in zip(sizes, caps)]
+    table = cost.latency_table
+    share: list[set[int]] = [set() for _ in sizes]  # groups whose layers overlap each group's
+    layer_groups: dict[str, set[int]] = {}
+    for gi, layers in enumerate(cost.group_layers):
+        for n in layers:
+            layer_groups.setdefault(n, set()).add(gi)
+    for gs in layer_groups.values():
+        for gi in gs:
+            share[gi] |= gs
+    alive = list(sizes)
+    removed_n = [0] * len(sizes)
+    dense_ms = cost.latency_ms(alive)
+    goal = (1.0 - target) * dense_ms
+    low = goal - tolerance * dense_ms  # below this the target is overshot
+
+    def group_ms(gi: int) -> float:
+        """Time of the layers whose widths follow group gi, at the current widths."""
+        return sum(table.layers[n](*w) for n, w in cost.layer_widths(alive, cost.group_layers[gi]).items())
+
+    def moves(gi: int) -> list[tuple[float, int, float]]:
+        """(score per ms saved, removals, ms saved) of every move of group gi that saves time."""
+        if not cost.group_layers[gi]:
+            return []
+        now, keep, out = group_ms(gi), alive[gi], []
+        for r in options[gi]:
+            if r <= removed_n[gi]:
+                continue
+            alive[gi] = sizes[gi] - r
+            saved = now - group_ms(gi)
+            alive[gi] = keep
+            if saved > 1e-12:
+                out.append(((prefix[gi][r] - prefix[gi][removed_n[gi]]) / saved, r, saved))
+        return out
+
+    cur = dense_ms
+    best: dict[int, list[tuple[float, int, float]]] = {gi: moves(gi) for gi in range(len(sizes))}
+    while cur > goal + 1e-12:
+        candidates = [(ratio, gi, r, saved) for gi, ms in best.items() for ratio, r, saved in ms]
+        if not candidates:
+            raise BudgetError(
+                f"cannot remove {target:.1%} of the predicted latency: at most {1 - cur / dense_ms:.1%} is removable "
+                f"with these caps (max_layer_ratio, min_channels) and round_to={round_to}; lower the target")
+        fitting = [c for c in candidates if cur - c[3] >= low]
+        ratio, gi, r, saved = min(fitting or candidates, key=lambda c: (c[0], c[1], c[2]))
+        removed_n[gi] = r
+        alive[gi] = sizes[gi] - r
+        cur = cost.latency_ms(alive)
+        for gj in share[gi] | {gi}:
+            best[gj] = moves(gj)
+    frac = 1.0 - cur / dense_ms
+    if abs(frac - target) > tolerance and target > 0:
+        raise _coarse(frac, target, "latency", tolerance, round_to)
+    return [ranked_in_group[gi][:removed_n[gi]] for gi in range(len(sizes))]
+
