@@ -105,3 +105,53 @@ def test_missing_inputs_are_explained(data_dir, tmp_path, capsys):
     assert "apt-get install" in capsys.readouterr().err
     assert run("eval", tmp_path) == 2
     assert "output folder" in capsys.readouterr().err
+
+
+def test_prune_to_a_latency_budget_measures_saves_and_reuses_its_table(data_dir, trained, tmp_path, capsys):
+    import torch
+    from haprune.graph import build_structures
+    from haprune.latency import measure_latency_table
+    from haprune.models import create_model
+
+    common = ["prune", "--model", "resnet20", "--weights", trained, "--data-dir", data_dir, "--budget", "latency",
+              "--finetune-epochs", "0", "--calib-batches", "1", "--calib-batch-size", "16", "--latency-batch", "2",
+              "--latency-repeats", "2", "--threads", "1", "--quiet"]
+    # without --latency-table the table is measured (wall clock: only target 0 is deterministic) and saved
+    assert run(*common, "--target", "0", "--out", tmp_path / "a") == 0
+    assert "predicted by the latency table" in capsys.readouterr().out
+    measured = json.loads((tmp_path / "a" / "latency_table.json").read_text())
+    assert measured["meta"]["batch"] == 2 and measured["meta"]["timer"] == "wall clock"
+    # a saved table is planned on as given: here an analytic one (time = MACs), so the plan is deterministic
+    net = create_model("resnet20", in_channels=1, num_classes=10).eval()  # the CLI's Fashion-MNIST head
+    x = torch.randn(1, 1, 8, 8)
+
+    def macs(layer, inp):
+        y = layer(inp)
+        return float(layer.weight.numel() * (y.shape[2:].numel() if y.dim() == 4 else 1))
+
+    table = tmp_path / "macs.json"
+    measure_latency_table(net, build_structures(net, x), x, timer=macs).save(table)
+    plans = []
+    for out in ("b", "c"):
+        assert run(*common, "--target", "0.3", "--latency-table", table, "--out", tmp_path / out) == 0
+        plans.append(json.loads((tmp_path / out / "plan.json").read_text()))
+        assert not (tmp_path / out / "latency_table.json").exists()
+    assert plans[0]["budget"] == "latency" and abs(plans[0]["achieved"]["latency_removed"] - 0.3) <= 0.01
+    assert plans[0]["groups"] == plans[1]["groups"]
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    # the table's time is the MACs of its layers (all convs and the classifier): it predicts the FLOPs removed
+    assert report["flops"]["removed"] == pytest.approx(plans[0]["achieved"]["latency_removed"], abs=1e-9)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "latency", "--implant-ratio", "0.1"], "plans no implants"),
+    (["--latency-table", "t.json"], "only with --budget latency"),
+    (["--budget", "latency", "--latency-table", "missing.json"], "cannot read the latency table"),
+])
+def test_latency_budget_options_are_checked(data_dir, trained, tmp_path, capsys, args, message):
+    code = run("prune", "--model", "resnet20", "--weights", trained, "--data-dir", data_dir, "--out", tmp_path / "x",
+               "--target", "0.3", "--finetune-epochs", "0", "--calib-batches", "1", "--calib-batch-size", "16",
+               "--quiet", *args)
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -97,6 +97,9 @@ def test_latency_plan_errors_say_what_to_do():
     foreign = LatencyTable({"nope.conv": LayerTimes([1], [1], [[1.0]])}, 1)
     with pytest.raises(ValueError, match="measure the table on this model"):
         CostModel(other, build_structures(other, X), X, latency=foreign)
+    wider = make_net(0, widths=(16, 24, 32), blocks=2, classes=7)  # same layers, another classifier width
+    with pytest.raises(ValueError, match="5 channels, but this model's layer has 32 -> 7"):
+        CostModel(wider, build_structures(wider, X), X, latency=TABLE)
 
 
 def test_table_json_round_trip(tmp_path):

@@ -127,8 +127,17 @@ def _criterion_options(args: argparse.Namespace) -> dict[str, Any]:
     return {}
 
 
+def _check_budget_args(args: argparse.Namespace) -> None:
+    if args.latency_table and args.budget != "latency":
+        raise CLIError("--latency-table is read only with --budget latency")
+    if args.budget == "latency" and args.implant_ratio > 0:
+        raise CLIError("--budget latency plans no implants (merged for deployment an implanted channel costs what a "
+                       "kept one costs): drop --implant-ratio, or use --budget params/flops for implants")
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     started = datetime.now(timezone.utc)
+    _check_budget_args(args)  # before the minutes of sensitivity estimation
     data = _load_data(args)
     device = torch.device(args.device or "cpu")
     dense = _build_model(args.model, data, args.weights).to(device)
@@ -145,7 +154,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     _log(f"sensitivity: {sens.criterion} ({sens.info.get('auto', {}).get('why', '')}) in {sens.info['seconds']} s")
 
     # 2. plan
-    cost = CostModel(dense, structures, example)
+    cost = CostModel(dense, structures, example, latency=_latency_table(args, dense, structures, example, out))
     plan = make_plan(structures, sens.scores, cost, args.target, budget=args.budget,
                      max_layer_ratio=args.max_layer_ratio, min_channels=args.min_channels,
                      implant_ratio=args.implant_ratio, implant_kind=args.implant_kind,
@@ -204,6 +213,29 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _latency_table(args: argparse.Namespace, dense, structures, example, out: Path):
+    """For --budget latency: the table from --latency-table, or measured now (CPU, --latency-batch, --threads) and
+    saved as <out>/latency_table.json (pass it as --latency-table next time to plan on the same measurement)."""
+    from .latency import LatencyTable, measure_latency_table
+
+    if args.budget != "latency":
+        return None
+    if args.latency_table:
+        try:
+            return LatencyTable.load(args.latency_table)
+        except (OSError, ValueError, KeyError) as e:
+            raise CLIError(f"cannot read the latency table {args.latency_table}: {e}") from e
+    _log(f"measuring a latency table (CPU, batch {args.latency_batch}, threads {args.threads or 'default'})")
+    x = torch.randn(args.latency_batch, *example.shape[1:])
+    table = measure_latency_table(dense.cpu(), structures, x, step=max(1, args.round_to), threads=args.threads,
+                                  progress=not args.quiet)
+    dense.to(example.device)
+    table.save(out / "latency_table.json")
+    _log(f"latency table: {table.meta['distinct_shapes']} layer shapes in {table.meta['seconds']} s, "
+         f"saved to {out / 'latency_table.json'}")
+    return table
+
+
 def _print_summary(report: dict, plan) -> None:
     pct = lambda x: "-" if x is None else f"{100 * x:.2f}%"  # noqa: E731
     p, f, acc, lat = report["params"], report["flops"], report["accuracy"], report["latency"]
@@ -219,6 +251,11 @@ def _print_summary(report: dict, plan) -> None:
         {"": "CPU latency (ms, median)", "before": f"{lat['before']['median_ms']:.2f}",
          "after": f"{lat['after']['median_ms']:.2f}", "change": f"{lat['speedup']:.2f}x faster"},
     ]
+    if "latency_before_ms" in plan.achieved:  # --budget latency: what the table predicted, beside what was timed
+        a = plan.achieved
+        rows.append({"": "  predicted by the latency table", "before": f"{a['latency_before_ms']:.2f}",
+                     "after": f"{a['latency_after_ms']:.2f}",
+                     "change": f"{a['latency_before_ms'] / a['latency_after_ms']:.2f}x faster"})
     print(format_table(rows, ["", "before", "after", "change"]))
     c = plan.counts()
     print(f"structures: {c['kept']} kept, {c['implanted']} implanted, {c['removed']} removed")
@@ -303,13 +340,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sensitivity)
 
     p = sub.add_parser("prune", help="estimate, plan, apply, fine-tune and report; writes an output folder",
-                       description="Prune a trained model to a parameter or FLOPs budget. Writes report.json, "
+                       description="Prune a trained model to a parameter, FLOPs or latency budget. Writes report.json, "
                                    "plan.json, model.safetensors and model.json into --out.")
     p.add_argument("--model", choices=list_models(), required=True)
     p.add_argument("--weights", required=True, help="safetensors weights of the trained model")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--target", type=float, required=True, help="fraction of the budget to remove, in [0, 1)")
-    p.add_argument("--budget", choices=["params", "flops"], default="params", help="(default: %(default)s)")
+    p.add_argument("--budget", choices=["params", "flops", "latency"], default="params",
+                   help="what --target is a fraction of: parameters, FLOPs, or the CPU latency that a measured table "
+                        "of layer times predicts (at --latency-batch and --threads; see --latency-table) "
+                        "(default: %(default)s)")
+    p.add_argument("--latency-table", default=None,
+                   help="with --budget latency: a table saved by an earlier run (latency_table.json) instead of "
+                        "measuring one (a minute or so on 2 cores for ResNet-56)")
     p.add_argument("--max-layer-ratio", type=float, default=0.9,
                    help="at most this fraction of any group's channels is removed (default: %(default)s)")
     p.add_argument("--min-channels", type=int, default=1, help="channels every group keeps (default: %(default)s)")

@@ -163,6 +163,11 @@ class CostModel:
                                  "measure the table on this model (haprune.latency.measure_latency_table)")
             full_in, full_out = (m.in_features, m.out_features) if isinstance(m, nn.Linear) else (
                 m.in_channels, m.out_channels)
+            lt = table.layers[name]
+            if (lt.in_widths[-1], lt.out_widths[-1]) != (full_in, full_out):
+                raise ValueError(f"the latency table times {name!r} at up to {lt.in_widths[-1]} -> "
+                                 f"{lt.out_widths[-1]} channels, but this model's layer has {full_in} -> {full_out}: "
+                                 "measure the table on this model (haprune.latency.measure_latency_table)")
             dims = coupled.get(f"{name}.weight", {})
             out_dim = dims.get(0)
             depthwise = isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1
