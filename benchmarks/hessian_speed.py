@@ -824,7 +824,9 @@ def markdown(doc: dict[str, Any]) -> str:
         "[latency_quick.md](latency_quick.md) (`--quick`: ResNet-56, 50% of parameters removed, batch 64, "
         "2 threads, with its goals), [latency.md](latency.md) (the full matrix), "
         "[latency_round_to.md](latency_round_to.md) (`--round-to-study`) and [latency_profile.md](latency_profile.md) "
-        "(`--profile`: where the time goes per stage).",
+        "(`--profile`: where the time goes per stage); plans made against a measured latency table "
+        "(`make_plan(budget=\"latency\")`) against parameter and FLOPs budgets, with their accuracy, by "
+        "`benchmarks/latency_plan.py` on [latency_plan.md](latency_plan.md).",
         "",
         f"Setup: one calibration batch of {s['batch']} Fashion-MNIST training images (a seed-0 permutation of the "
         "training split), the same batch for every estimator; the project's trained checkpoints; eval mode; "

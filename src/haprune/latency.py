@@ -21,8 +21,8 @@ measurement. Between grid points the time is interpolated linearly, so plans sho
 """
 from __future__ import annotations
 
+import bisect
 import json
-import math
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -66,7 +66,7 @@ def _bracket(grid: Sequence[int], x: float) -> tuple[int, int, float]:
     if x >= grid[-1]:
         n = len(grid) - 1
         return n, n, 0.0
-    hi = next(k for k, g in enumerate(grid) if g >= x)
+    hi = bisect.bisect_left(grid, x)
     lo = hi - 1
     return lo, hi, (x - grid[lo]) / (grid[hi] - grid[lo])
 

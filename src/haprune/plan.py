@@ -326,8 +326,7 @@ def make_plan(
         scores_in_group[int(gof[j])].append(float(scores[j]))
     implantable = [bool(g.implantable) for g in structures]
     if budget == "latency":
-        removed = _latency_removals(structures, scores_in_group, ranked_in_group, caps, cost, target, tolerance,
-                                    round_to)
+        removed = _latency_removals(scores_in_group, ranked_in_group, caps, cost, target, tolerance, round_to)
         return _finish_plan(structures, cost, removed, [[] for _ in names], implant_kind, target, budget, criterion,
                             seed, round_to)
     which = 0 if budget == "params" else 1
@@ -429,9 +428,8 @@ def _finish_plan(structures: StructureSet, cost: CostModel, removed: list[list[i
     )
 
 
-def _latency_removals(structures: StructureSet, scores_in_group: list[list[float]], ranked_in_group: list[list[int]],
-                      caps: list[int], cost: CostModel, target: float, tolerance: float,
-                      round_to: int) -> list[list[int]]:
+def _latency_removals(scores_in_group: list[list[float]], ranked_in_group: list[list[int]], caps: list[int],
+                      cost: CostModel, target: float, tolerance: float, round_to: int) -> list[list[int]]:
     """Greedy knapsack on predicted latency: per step, the move (one group to a smaller allowed width, its least
     important channels first) with the least summed score per millisecond saved; moves that would overshoot
     the target by more than ``tolerance`` are passed over while others remain."""
@@ -476,9 +474,9 @@ def _latency_removals(structures: StructureSet, scores_in_group: list[list[float
         return out
 
     cur = dense_ms
-    best: dict[int, list[tuple[float, int, float]]] = {gi: moves(gi) for gi in range(len(sizes))}
+    open_moves = {gi: moves(gi) for gi in range(len(sizes))}  # kept up to date for the groups a move touches
     while cur > goal + 1e-12:
-        candidates = [(ratio, gi, r, saved) for gi, ms in best.items() for ratio, r, saved in ms]
+        candidates = [(ratio, gi, r, saved) for gi, ms in open_moves.items() for ratio, r, saved in ms]
         if not candidates:
             raise BudgetError(
                 f"cannot remove {target:.1%} of the predicted latency: at most {1 - cur / dense_ms:.1%} is removable "
@@ -489,7 +487,7 @@ def _latency_removals(structures: StructureSet, scores_in_group: list[list[float
         alive[gi] = sizes[gi] - r
         cur = cost.latency_ms(alive)
         for gj in share[gi] | {gi}:
-            best[gj] = moves(gj)
+            open_moves[gj] = moves(gj)
     frac = 1.0 - cur / dense_ms
     if abs(frac - target) > tolerance and target > 0:
         raise _coarse(frac, target, "latency", tolerance, round_to)
