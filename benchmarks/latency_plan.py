@@ -76,6 +76,7 @@ def run(seeds: list[int], repeats: int, remeasure: bool) -> dict:
         table = measure_latency_table(dense, structures, x, step=ROUND_TO, threads=THREADS, progress=True)
         table.save(TABLE)
     result["table"] = {"path": str(TABLE.relative_to(ROOT)), **table.meta}
+    result["other_ms"] = table.other_ms
 
     log("HAP sensitivity (exact traces, seed-0 calibration)")
     sens = estimate(dense, structures, ctx.calibration(0), "auto", progress=False)
@@ -163,7 +164,10 @@ def tables(result: dict) -> str:
         "group the channels with the least score per millisecond saved. Speed-ups: dense median / pruned median, "
         f"batch {result['batch']}, {result['threads']} threads, all variants timed interleaved in one run per "
         "runtime; ratio = speed-up / FLOPs reduction (the latency issue's goal: >= 0.8). Predicted = the table's "
-        "dense time / its time for the plan (it sums the conv and linear layers only). Accuracy: test accuracy, "
+        "dense time / its time for the plan: its conv and linear layers, each timed alone at the plan's widths, "
+        f"plus the rest of the dense forward pass held fixed ({meta.get('model_ms') or 0:.1f} ms measured for the "
+        f"whole dense model when the table was made, {result.get('other_ms', 0):.1f} ms of it outside the "
+        "table's layers). Accuracy: test accuracy, "
         "one-shot after BatchNorm re-estimation, fine-tuned with the sweep's `cpu` budget (2 epochs of at most 100 "
         "batches, SGD lr 0.01 cosine, validation-selected), mean ± std over fine-tuning seeds"
         + (f"; dense {100 * dense_acc:.2f}%." if dense_acc else "."),

@@ -134,5 +134,11 @@ def test_wall_clock_table_on_a_tiny_net():
     table = measure_latency_table(net, s, torch.randn(4, 1, 12, 12), step=4, repeats=2, warmup=1, threads=1)
     assert table.meta["batch"] == 4 and table.meta["threads"] == 1 and table.meta["timer"] == "wall clock"
     assert all(t > 0 for lt in table.layers.values() for row in lt.ms for t in row)
+    # the rest of the forward pass (BatchNorm, ReLU, additions, pooling) is what the dense model's time leaves
+    full = layer_widths(net)
+    layers_ms = sum(lt(*full[n]) for n, lt in table.layers.items())
+    assert table.meta["model_ms"] > 0 and table.other_ms == pytest.approx(max(0.0, table.meta["model_ms"] - layers_ms))
+    assert table.total_ms(full) == pytest.approx(max(table.meta["model_ms"], layers_ms))
+    assert TABLE.other_ms == 0.0  # an analytic timer times layers only
     with pytest.raises(ValueError, match="step >= 1"):
         measure_latency_table(net, s, X, step=0)

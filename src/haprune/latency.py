@@ -14,9 +14,10 @@ fraction of the (predicted) time is gone.
     cost = CostModel(model, structures, x, latency=table)
     plan = make_plan(structures, scores, cost, 0.4, budget="latency", round_to=table.step)
 
-What a table predicts is the sum of its layers' times: the elementwise work between them (BatchNorm, ReLU,
-residual additions) and layers outside any group are left out. Layers with the same shape share one
-measurement. Between grid points the time is interpolated linearly, so plans should round widths to the grid
+What a table predicts is the sum of its layers' times plus ``other_ms``, the rest of the forward pass (BatchNorm,
+ReLU, residual additions, pooling, layers outside any group): the dense model's measured time minus its layers'
+sum, held fixed whatever the widths (so a target is a fraction of the whole forward pass). Layers with the same
+shape share one measurement. Between grid points the time is interpolated linearly, so plans should round widths to the grid
 (``round_to=table.step``) to be planned on measured points.
 """
 from __future__ import annotations
@@ -78,11 +79,12 @@ class LatencyTable:
     layers: dict[str, LayerTimes]
     step: int
     meta: dict[str, Any] = field(default_factory=dict)
+    other_ms: float = 0.0  # the rest of the forward pass (norms, activations, additions, other layers), held fixed
     version: int = TABLE_VERSION
 
     def total_ms(self, widths: dict[str, tuple[float, float]]) -> float:
-        """Sum over the table's layers of their time at ``widths[name] = (in, out)``."""
-        return sum(self.layers[n](*widths[n]) for n in self.layers)
+        """``other_ms`` plus the table's layers' times at ``widths[name] = (in, out)``."""
+        return self.other_ms + sum(self.layers[n](*widths[n]) for n in self.layers)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,7 +95,7 @@ class LatencyTable:
             raise ValueError(f"latency table version {d.get('version')} is not supported (expected {TABLE_VERSION})")
         layers = {k: LayerTimes([int(w) for w in v["in_widths"]], [int(w) for w in v["out_widths"]],
                                 [[float(t) for t in row] for row in v["ms"]]) for k, v in d["layers"].items()}
-        return cls(layers, int(d["step"]), dict(d.get("meta", {})), TABLE_VERSION)
+        return cls(layers, int(d["step"]), dict(d.get("meta", {})), float(d.get("other_ms", 0.0)), TABLE_VERSION)
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
@@ -175,7 +177,7 @@ def wall_clock(repeats: int = 9, warmup: int = 2) -> Timer:
     return lambda layer, x: _time_ms(layer, x, repeats, warmup)
 
 
-def _time_ms(layer: nn.Module, x: torch.Tensor, repeats: int, warmup: int) -> float:
+def _time_ms(layer: Callable[[Any], Any], x: Any, repeats: int, warmup: int) -> float:
     with torch.inference_mode():
         for _ in range(warmup):
             layer(x)
@@ -207,13 +209,18 @@ def measure_latency_table(
     full width, and 1 so that no width falls below the grid), at most ``max_points`` of them; an uncoupled one at its full width only. Layers of equal shape are
     measured once. Each point is the median of ``repeats`` timed calls after ``warmup`` discarded ones, under
     ``torch.set_num_threads(threads)`` when given. Cost: about (points per layer shape) x (repeats + warmup)
-    forward calls of one layer; seconds for a ResNet-56 at step 4. ``timer(layer, input) -> ms`` replaces the
-    wall clock (:func:`wall_clock`), e.g. with an analytic cost model or another runtime.
+    forward calls of one layer; seconds for a ResNet-56 at step 4. With the wall clock, the whole dense model is
+    timed too (``repeats`` calls) and what its layers' sum leaves out becomes ``other_ms``. ``timer(layer, input)
+    -> ms`` replaces the wall clock (:func:`wall_clock`), e.g. with an analytic cost model or another runtime;
+    then ``other_ms`` is 0 (the timer times layers only).
     """
     if step < 1 or max_points < 2:
         raise ValueError(f"need step >= 1 and max_points >= 2; got step={step}, max_points={max_points}")
     timer_name = "wall clock" if timer is None else getattr(timer, "__name__", type(timer).__name__)
     timer = timer or wall_clock(repeats, warmup)
+    if any(t.device.type != "cpu" for t in model.parameters()):
+        raise ValueError("latency tables are measured on the CPU: pass the model (and inputs) on the CPU, "
+                         "e.g. model.cpu()")
     coupled = _coupled_dims(model, structures)
     if not coupled:
         raise ValueError("no Conv/Linear layer of the model is coupled to a prunable group: nothing to time")
@@ -243,11 +250,17 @@ def measure_latency_table(
             if key not in cache:
                 cache[key] = _measure_layer(module, shape, (c_in, c_out), step, max_points, timer)
             layers[name] = cache[key]
-    meta = {"batch": _batch(example_inputs), "threads": threads if threads is not None else torch.get_num_threads(),
+        other, model_ms = 0.0, None
+        if timer_name == "wall clock":
+            with eval_mode(model):
+                model_ms = _time_ms(lambda inputs: _forward(model, inputs), example_inputs, repeats, warmup)
+            full = {n: _widths_of(model.get_submodule(n)) for n in layers}
+            other = max(0.0, model_ms - sum(layers[n](*full[n]) for n in layers))
+    meta = {"model_ms": model_ms, "batch": _batch(example_inputs), "threads": threads if threads is not None else torch.get_num_threads(),
             "timer": timer_name, "repeats": repeats, "warmup": warmup, "max_points": max_points, "distinct_shapes": len(cache),
             "seconds": round(time.perf_counter() - started, 2), "torch": torch.__version__,
             "machine": platform.machine(), "processor": platform.processor() or platform.machine()}
-    return LatencyTable(layers, step, meta)
+    return LatencyTable(layers, step, meta, other)
 
 
 def _measure_layer(module: nn.Module, shape: tuple[int, ...], coupled: tuple[bool, bool], step: int,
