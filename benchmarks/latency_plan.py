@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
+import json
 import platform
 import statistics
 import sys
@@ -104,7 +106,7 @@ def run(seeds: list[int], repeats: int, remeasure: bool) -> dict:
             key = f"{name}/s{seed}"
             if key in result["accuracy"]:
                 continue
-            result["accuracy"][key] = accuracy(ctx, model, name, seed)
+            result["accuracy"][key] = accuracy(ctx, model, name, seed, plans[name]["widths"])
             log(f"{key}: {result['accuracy'][key]}")
             _save(result)
     result["versions"] = {"torch": torch.__version__, "python": platform.python_version(),
@@ -127,14 +129,16 @@ def time_variants(dense, pruned: dict, x: torch.Tensor, repeats: int) -> dict:
     return out
 
 
-def accuracy(ctx, model, name: str, seed: int) -> dict:
+def accuracy(ctx, model, name: str, seed: int, widths: dict) -> dict:
     model = copy.deepcopy(model)
+    # fine-tuning checkpoints are keyed by the plan's widths: a resumed run never loads another plan's weights
+    digest = hashlib.sha256(json.dumps(widths, sort_keys=True).encode()).hexdigest()[:10]
     reestimate_batchnorm(model, ctx.bn_batches(seed), 16)
     oneshot = ctx.test_accuracy(model)
     p = ctx.preset
     config = FinetuneConfig(epochs=p.epochs, lr=p.lr, weight_decay=p.weight_decay, batch_size=p.batch_size,
                             schedule=p.schedule, seed=seed, max_batches_per_epoch=p.max_batches_per_epoch)
-    finetune(model, ctx.data.train, ctx.data.val, config, checkpoint_dir=RUNS / f"{name.replace('@', '_')}_s{seed}",
+    finetune(model, ctx.data.train, ctx.data.val, config, checkpoint_dir=RUNS / f"{name.replace('@', '_')}_{digest}_s{seed}",
              log_fn=lambda r: log(f"  {name} s{seed} epoch {r.epoch}: val {r.val_accuracy:.4f}"))
     return {"oneshot": oneshot, "finetuned": ctx.test_accuracy(model), "dense": ctx.dense_accuracy(MODEL)}
 
@@ -199,8 +203,6 @@ def tables(result: dict) -> str:
 
 
 def _load(path: Path) -> dict | None:
-    import json
-
     return json.loads(path.read_text()) if path.exists() else None
 
 
