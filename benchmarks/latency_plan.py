@@ -2,6 +2,7 @@
 
     python benchmarks/latency_plan.py                  # ResNet-56, Fashion-MNIST, batch 64, 2 threads; resumes
     python benchmarks/latency_plan.py --seeds 0 1 2    # more fine-tuning seeds (finished ones are kept)
+    python benchmarks/latency_plan.py --seeds 2 --variants params@50 latency@50   # only some plans
     python benchmarks/latency_plan.py --tables-only    # rebuild docs/results/latency_plan.md from the JSON
 
 One HAP sensitivity pass (exact traces, the sweep's seed-0 calibration batches) feeds every plan, so the plans
@@ -62,7 +63,7 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def run(seeds: list[int], repeats: int, remeasure: bool) -> dict:
+def run(seeds: list[int], repeats: int, remeasure: bool, variants: list[str] | None = None) -> dict:
     result = _load(OUT) or {"model": MODEL, "batch": BATCH, "threads": THREADS, "round_to": ROUND_TO, "plans": {},
                            "accuracy": {}}
     data = load_dataset("fashion-mnist")
@@ -104,7 +105,7 @@ def run(seeds: list[int], repeats: int, remeasure: bool) -> dict:
     for seed in seeds:
         for name, model in pruned.items():
             key = f"{name}/s{seed}"
-            if key in result["accuracy"]:
+            if key in result["accuracy"] or (variants and name not in variants):
                 continue
             result["accuracy"][key] = accuracy(ctx, model, name, seed, plans[name]["widths"])
             log(f"{key}: {result['accuracy'][key]}")
@@ -215,9 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="*", type=int, default=[0], help="fine-tuning seeds (default: 0)")
     p.add_argument("--repeats", type=int, default=20, help="timed rounds per runtime (default: 20)")
     p.add_argument("--remeasure", action="store_true", help="measure the latency table again (replans everything)")
+    p.add_argument("--variants", nargs="*", choices=list(VARIANTS), default=None,
+                   help="fine-tune only these plans for --seeds (all are still planned and timed)")
     p.add_argument("--tables-only", action="store_true")
     a = p.parse_args(argv)
-    result = _load(OUT) if a.tables_only else run(a.seeds, a.repeats, a.remeasure)
+    result = _load(OUT) if a.tables_only else run(a.seeds, a.repeats, a.remeasure, a.variants)
     if result is None:
         p.error(f"{OUT} does not exist yet: run without --tables-only first")
     atomic_write_text(MD, tables(result))

@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     p.add_argument("--latency-table", default=None,
                    help="with --budget latency: a table saved by an earlier run (latency_table.json) instead of "
-                        "measuring one (about 10 s for ResNet-56 at batch 64 on 2 cores, docs/results/latency_plan_table.json)")
+                        "measuring one (about 12 s for ResNet-56 at batch 64 on 2 cores, docs/results/latency_plan_table.json)")
     p.add_argument("--max-layer-ratio", type=float, default=0.9,
                    help="at most this fraction of any group's channels is removed (default: %(default)s)")
     p.add_argument("--min-channels", type=int, default=1, help="channels every group keeps (default: %(default)s)")
