@@ -45,7 +45,7 @@ from haprune.data import load_dataset  # noqa: E402
 from haprune.estimate import estimate  # noqa: E402
 from haprune.io import export_onnx  # noqa: E402
 from haprune.latency import LatencyTable, measure_latency_table  # noqa: E402
-from haprune.recover import FinetuneConfig, finetune, reestimate_batchnorm  # noqa: E402
+from haprune.recover import finetune, reestimate_batchnorm  # noqa: E402
 from haprune.report import count_flops, count_params, measure_latency  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,10 +136,7 @@ def accuracy(ctx, model, name: str, seed: int, widths: dict) -> dict:
     digest = hashlib.sha256(json.dumps(widths, sort_keys=True).encode()).hexdigest()[:10]
     reestimate_batchnorm(model, ctx.bn_batches(seed), 16)
     oneshot = ctx.test_accuracy(model)
-    p = ctx.preset
-    config = FinetuneConfig(epochs=p.epochs, lr=p.lr, weight_decay=p.weight_decay, batch_size=p.batch_size,
-                            schedule=p.schedule, seed=seed, max_batches_per_epoch=p.max_batches_per_epoch)
-    finetune(model, ctx.data.train, ctx.data.val, config, checkpoint_dir=RUNS / f"{name.replace('@', '_')}_{digest}_s{seed}",
+    finetune(model, ctx.data.train, ctx.data.val, ctx.preset.finetune_config(seed), checkpoint_dir=RUNS / f"{name.replace('@', '_')}_{digest}_s{seed}",
              log_fn=lambda r: log(f"  {name} s{seed} epoch {r.epoch}: val {r.val_accuracy:.4f}"))
     return {"oneshot": oneshot, "finetuned": ctx.test_accuracy(model), "dense": ctx.dense_accuracy(MODEL)}
 

@@ -102,6 +102,12 @@ class Preset:
     criteria: tuple[str, ...] = tuple(CRITERIA)
     seeds: tuple[int, ...] = (0, 1, 2)
 
+    def finetune_config(self, seed: int) -> FinetuneConfig:
+        """The fine-tuning every run of this preset gets."""
+        return FinetuneConfig(epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
+                              batch_size=self.batch_size, schedule=self.schedule, seed=seed,
+                              max_batches_per_epoch=self.max_batches_per_epoch)
+
 
 PRESETS = {
     "smoke": Preset("smoke", epochs=1, lr=0.01, batch_size=128, max_batches_per_epoch=20, eval_limit=1000,
@@ -377,8 +383,7 @@ def run_one(ctx: SweepContext, model_name: str, criterion: str, budget: str, tar
     reestimate_batchnorm(pruned, ctx.bn_batches(seed), 16)
     acc_oneshot = ctx.test_accuracy(pruned)
     p = ctx.preset
-    config = FinetuneConfig(epochs=p.epochs, lr=p.lr, weight_decay=p.weight_decay, batch_size=p.batch_size,
-                            schedule=p.schedule, seed=seed, max_batches_per_epoch=p.max_batches_per_epoch)
+    config = p.finetune_config(seed)
     acc_ft, ft = None, None
     if p.epochs > 0:
         ft = finetune(pruned, ctx.data.train, ctx.data.val, config, device=ctx.device, progress=ctx.progress,

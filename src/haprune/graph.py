@@ -143,6 +143,25 @@ def _forward(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
+def forward_with_hooks(model: nn.Module, inputs: Any, hooks: dict[nn.Module, Callable]) -> None:
+    """Run ``model`` once on ``inputs`` (eval mode, no gradients) with each forward hook registered on its module;
+    the hooks are removed afterwards, whatever happens. Hooks must return None (the output stays as it is)."""
+    handles = [m.register_forward_hook(h) for m, h in hooks.items()]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            _forward(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def channel_widths(module: nn.Module) -> tuple[int, int]:
+    """(input, output) channels of a Conv or (features of a) Linear layer."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return module.in_channels, module.out_channels
+
+
 def _output_shapes(out: Any) -> list[tuple[int, ...]]:
     if isinstance(out, torch.Tensor):
         return [tuple(out.shape)]

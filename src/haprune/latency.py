@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from ._fileio import atomic_write_text
-from .graph import StructureSet, _forward, eval_mode
+from .graph import StructureSet, _forward, channel_widths, eval_mode, forward_with_hooks
 from .report import num_threads
 
 __all__ = ["LayerTimes", "LatencyTable", "measure_latency_table", "wall_clock", "layer_widths"]
@@ -107,7 +107,7 @@ class LatencyTable:
 
 def layer_widths(model: nn.Module) -> dict[str, tuple[int, int]]:
     """(input, output) channels of every Conv/Linear layer of ``model``."""
-    return {name: _widths_of(m) for name, m in model.named_modules() if isinstance(m, _TIMED)}
+    return {name: channel_widths(m) for name, m in model.named_modules() if isinstance(m, _TIMED)}
 
 
 def _grid(full: int, step: int, max_points: int) -> list[int]:
@@ -143,17 +143,11 @@ def _input_shapes(model: nn.Module, names: Sequence[str], example_inputs: Any) -
     shapes: dict[str, tuple[int, ...]] = {}
 
     def record(name: str):
-        def hook(module, inputs, output) -> None:  # returns None: the output stays as it is
+        def hook(module, inputs, output) -> None:
             shapes.setdefault(name, tuple(inputs[0].shape))
         return hook
 
-    hooks = [model.get_submodule(n).register_forward_hook(record(n)) for n in names]
-    try:
-        with torch.no_grad(), eval_mode(model):
-            _forward(model, example_inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_with_hooks(model, example_inputs, {model.get_submodule(n): record(n) for n in names})
     return shapes
 
 
@@ -240,7 +234,7 @@ def measure_latency_table(
     with num_threads(threads):
         for name in iterator:
             module = model.get_submodule(name)
-            cin_full, cout_full = _widths_of(module)
+            cin_full, cout_full = channel_widths(module)
             c_in, c_out = coupled[name]
             shape = shapes[name]
             key = (type(module).__name__, cin_full, cout_full, c_in, c_out, shape,
@@ -254,7 +248,7 @@ def measure_latency_table(
         if timer_name == "wall clock":
             with eval_mode(model):
                 model_ms = _time_ms(lambda inputs: _forward(model, inputs), example_inputs, repeats, warmup)
-            full = {n: _widths_of(model.get_submodule(n)) for n in layers}
+            full = {n: channel_widths(model.get_submodule(n)) for n in layers}
             other = max(0.0, model_ms - sum(layers[n](*full[n]) for n in layers))
     meta = {"model_ms": model_ms, "batch": _batch(example_inputs), "threads": threads if threads is not None else torch.get_num_threads(),
             "timer": timer_name, "repeats": repeats, "warmup": warmup, "max_points": max_points, "distinct_shapes": len(cache),
@@ -265,7 +259,7 @@ def measure_latency_table(
 
 def _measure_layer(module: nn.Module, shape: tuple[int, ...], coupled: tuple[bool, bool], step: int,
                    max_points: int, timer: Timer) -> LayerTimes:
-    cin_full, cout_full = _widths_of(module)
+    cin_full, cout_full = channel_widths(module)
     linear = isinstance(module, nn.Linear)
 
     def time_at(cin: int, cout: int) -> float:
@@ -276,12 +270,6 @@ def _measure_layer(module: nn.Module, shape: tuple[int, ...], coupled: tuple[boo
         return LayerTimes(ins, list(ins), [[time_at(c, c)] * len(ins) for c in ins])
     outs = _grid(cout_full, step, max_points) if coupled[1] else [cout_full]
     return LayerTimes(ins, outs, [[time_at(cin, cout) for cout in outs] for cin in ins])
-
-
-def _widths_of(module: nn.Module) -> tuple[int, int]:
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    return module.in_channels, module.out_channels
 
 
 def _resize(shape: tuple[int, ...], cin: int, linear: bool) -> tuple[int, ...]:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import torch.nn as nn
 
-from .graph import StructureSet, _forward, eval_mode
+from .graph import StructureSet, channel_widths, forward_with_hooks
 
 if TYPE_CHECKING:
     from .latency import LatencyTable
@@ -161,8 +161,7 @@ class CostModel:
             if not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
                 raise ValueError(f"the latency table times {name!r}, which is not a Conv/Linear layer of this model; "
                                  "measure the table on this model (haprune.latency.measure_latency_table)")
-            full_in, full_out = (m.in_features, m.out_features) if isinstance(m, nn.Linear) else (
-                m.in_channels, m.out_channels)
+            full_in, full_out = channel_widths(m)
             lt = table.layers[name]
             if (lt.in_widths[-1], lt.out_widths[-1]) != (full_in, full_out):
                 raise ValueError(f"the latency table times {name!r} at up to {lt.in_widths[-1]} -> "
@@ -218,22 +217,17 @@ class CostModel:
 def _output_positions(model: nn.Module, example_inputs: Any) -> dict[str, int]:
     """Per Conv/Linear module: positions per sample its weight is applied at (H*W for convs, tokens for linears)."""
     out: dict[str, int] = {}
-    hooks = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.conv._ConvNd):  # a transposed conv's MACs scale with its *input* positions
-            hooks.append(m.register_forward_hook(
-                lambda mod, i, o, n=name: out.__setitem__(
-                    n, int((i[0] if mod.transposed else o).shape[2:].numel()))))
-        elif isinstance(m, nn.Linear):
-            hooks.append(m.register_forward_hook(
-                lambda mod, i, o, n=name: out.__setitem__(n, int(o.numel() // o.shape[0] // o.shape[-1])
-                                                          if o.dim() > 1 else 1)))
-    try:
-        with torch.no_grad(), eval_mode(model):
-            _forward(model, example_inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+
+    def positions(name: str):
+        def hook(mod, i, o) -> None:
+            if isinstance(mod, nn.Linear):
+                out[name] = int(o.numel() // o.shape[0] // o.shape[-1]) if o.dim() > 1 else 1
+            else:  # a transposed conv's MACs scale with its *input* positions
+                out[name] = int((i[0] if mod.transposed else o).shape[2:].numel())
+        return hook
+
+    forward_with_hooks(model, example_inputs, {m: positions(n) for n, m in model.named_modules()
+                                               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))})
     return out
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ._fileio import atomic_write_json
-from .graph import _forward, eval_mode
+from .graph import _forward, eval_mode, forward_with_hooks
 from .plan import Plan
 
 if TYPE_CHECKING:
@@ -69,14 +69,8 @@ def count_flops(model: nn.Module, example_inputs: Any) -> int:
         nonlocal total
         total += _macs(module, inputs[0], output)
 
-    hooks = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd,
-                                                                                        nn.Linear))]
-    try:
-        with eval_mode(model), torch.no_grad():
-            _forward(model, example_inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_with_hooks(model, example_inputs, {m: hook for m in model.modules()
+                                               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))})
     batch = _batch_size(example_inputs)
     return total // batch
 
