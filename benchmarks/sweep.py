@@ -26,8 +26,10 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import hashlib
 import importlib.util
 import json
+import os
 import platform
 import statistics
 import sys
@@ -53,6 +55,11 @@ from haprune.recover import FinetuneConfig, evaluate, finetune, load_checkpoint_
 from haprune.report import count_flops, count_params, measure_latency
 
 ROOT = Path(__file__).resolve().parents[1]
+# Calibration protocol of the records in the tables: a per-seed random draw from the whole training split.
+# Records without it (the first 512 training images for every seed) live in LEGACY_DIR and are never mixed in.
+CALIBRATION_PROTOCOL = "random-train-subset-per-seed"
+CALIB_SEED_OFFSET = 104729
+LEGACY_DIR = "legacy_first512_calibration"
 RESULTS = ROOT / "docs" / "results" / "sweep"
 RUNS = ROOT / "runs" / "sweep"
 MODELS = ("resnet20", "resnet56", "vgg16_bn")
@@ -79,6 +86,51 @@ CRITERIA: dict[str, dict[str, Any]] = {
     "tp-taylor": {"kind": "tp", "importance": "GroupTaylorImportance"},
     "tp-hessian": {"kind": "tp", "importance": "GroupHessianImportance"},
 }
+# Compensation (haprune.apply, issue 14): after removal each consumer layer is refitted by least squares to the
+# dense model's outputs on the calibration batches. "<row>+comp" is "<row>" with it, everything else equal.
+COMPENSATE_MODE = "sequential"
+COMPENSATE_SUFFIX = "+comp"
+COMPENSATED_ROWS = ("hap", "hap+ni-lstsq", "hap+ni-zeros", "hap-exact-obd", "l1", "l2", "taylor", "fisher", "random")
+# BatchNorm statistics re-estimated after compensation (as after plain removal); see docs/results/compensation.md
+REESTIMATE_BN_AFTER_COMPENSATION = True
+for _name in COMPENSATED_ROWS:
+    CRITERIA[_name + COMPENSATE_SUFFIX] = {**CRITERIA[_name], "compensate": COMPENSATE_MODE,
+                                          "reestimate_bn": REESTIMATE_BN_AFTER_COMPENSATION}
+
+
+def base_criterion(name: str) -> str:
+    """The row without compensation: ``l2+comp`` -> ``l2``."""
+    return name[: -len(COMPENSATE_SUFFIX)] if name.endswith(COMPENSATE_SUFFIX) else name
+
+
+def is_compensated(name: str) -> bool:
+    return name.endswith(COMPENSATE_SUFFIX)
+
+
+def calibration_indices(n_train: int, n: int, seed: int) -> torch.Tensor:
+    """``n`` distinct indices in ``range(n_train)`` drawn at random with ``seed`` (a stream of its own, so the
+    calibration images are not the first images of the BatchNorm or fine-tuning shuffles of that seed)."""
+    if not 0 < n <= n_train:
+        raise ValueError(f"calibration needs 0 < {n} images <= the {n_train} training images")
+    generator = torch.Generator().manual_seed(CALIB_SEED_OFFSET + seed)
+    return torch.randperm(n_train, generator=generator)[:n]
+
+
+def finetune_key(model_name: str, plan_desc: Any, spec: dict, config_dict: dict, eval_limit: int | None,
+                 start: nn.Module) -> str:
+    """Hash of everything that determines a fine-tuning run's checkpoints: the model, the plan (which channels go
+    and which are implanted, or the resulting widths), implant init and compensation, the exact starting weights
+    (the pruned, compensated, BatchNorm-re-estimated model) and the fine-tuning configuration. Two runs share a
+    checkpoint directory only when they would train the same weights; never keyed by run id."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"model": model_name, "plan": plan_desc, "implant_init": spec.get("implant_init"),
+                         "compensate": spec.get("compensate"), "reestimate_bn": spec.get("reestimate_bn", True),
+                         "finetune": config_dict, "eval_limit": eval_limit}, sort_keys=True, default=str).encode())
+    for name, tensor in start.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:20]
 
 
 @dataclass(frozen=True)
@@ -193,14 +245,29 @@ class SweepContext:
             self._cache[key] = self.test_accuracy(self.dense(model))
         return self._cache[key]
 
+    def calibration_indices(self, seed: int) -> torch.Tensor:
+        """The training images of ``seed``'s calibration: ``calib_batches * calib_batch_size`` drawn at random
+        (without replacement) from the whole training split; the same for every criterion of that seed."""
+        p = self.preset
+        return calibration_indices(len(self.data.train), p.calib_batches * p.calib_batch_size, seed)
+
     def calibration(self, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The same seeded calibration batches for every criterion."""
+        """The same seeded calibration batches for every criterion (:meth:`calibration_indices`, in that order)."""
         key = ("calib", seed)
         if key not in self._cache:
-            p = self.preset
-            self._cache[key] = list(batches(self.data.train, p.calib_batch_size, shuffle=True, seed=seed,
-                                            limit=p.calib_batches * p.calib_batch_size, device=self.device))
+            images, labels = self.data.train.tensors
+            idx, size = self.calibration_indices(seed), self.preset.calib_batch_size
+            self._cache[key] = [(images[idx[i:i + size]].to(self.device), labels[idx[i:i + size]].to(self.device))
+                                for i in range(0, len(idx), size)]
         return self._cache[key]
+
+    def calibration_record(self, seed: int) -> dict:
+        """What the run's JSON says about its calibration (the protocol marks records comparable to each other)."""
+        idx = self.calibration_indices(seed)
+        return {"protocol": CALIBRATION_PROTOCOL, "batches": self.preset.calib_batches,
+                "batch_size": self.preset.calib_batch_size, "seed": seed, "train_images": len(self.data.train),
+                "indices_sha256": hashlib.sha256(idx.numpy().astype("int64").tobytes()).hexdigest(),
+                "first_indices": idx[:8].tolist()}
 
     def bn_batches(self, seed: int):
         return batches(self.data.train, 256, shuffle=True, seed=seed, device=self.device)
@@ -219,11 +286,18 @@ def _haprune_prune(ctx: SweepContext, model_name: str, spec: dict, budget: str, 
     sens = ctx._cache[key]
     plan = make_plan(structures, sens.scores, CostModel(dense, structures, example), target, budget=budget,
                      implant_ratio=spec.get("implant_ratio", 0.0), criterion=sens.criterion, seed=seed)
+    extra = {"compensate": spec["compensate"]} if spec.get("compensate") else {}  # only passed when asked for
+    t0 = time.perf_counter()
     pruned = apply_plan(dense, plan, example, structures=structures, implant_init=spec.get("implant_init", "zeros"),
-                        calibration=calib)
+                        calibration=calib, **extra)
+    apply_seconds = time.perf_counter() - t0
     info = {"resolved_criterion": sens.criterion, "score_rule": sens.info.get("score_rule"),
             "exact": sens.info.get("exact"), "auto": sens.info.get("auto"), "options": options,
+            "compensate": spec.get("compensate"), "apply_seconds": round(apply_seconds, 3),
             "plan_counts": plan.counts(),
+            # which channels go / are implanted: part of the fine-tuning checkpoint key (popped from the record)
+            "_plan_desc": {k: [g.size, list(map(int, g.remove)), list(map(int, g.implant))]
+                           for k, g in plan.groups.items()},
             # per-layer widths (group root module -> size, removed, implanted) for the plan-width plots
             "plan_widths": {k: [g.size, len(g.remove), len(g.implant)] for k, g in plan.groups.items()}}
     return pruned, float(sens.info["seconds"]), info
@@ -361,6 +435,11 @@ def measure_latencies(ctx: SweepContext, results_dir: Path = RESULTS, batch: int
     return done
 
 
+def finetune_dir(ctx: SweepContext, model_name: str, key: str) -> Path:
+    """Fine-tuning checkpoints of the run whose :func:`finetune_key` is ``key``."""
+    return ctx.runs_dir / ctx.preset.name / model_name / f"ft-{key}"
+
+
 def run_one(ctx: SweepContext, model_name: str, criterion: str, budget: str, target: float, seed: int) -> dict | None:
     """One run: prune, BN re-estimation, one-shot accuracy, fine-tune, accuracy; write its JSON.
 
@@ -380,14 +459,17 @@ def run_one(ctx: SweepContext, model_name: str, criterion: str, budget: str, tar
     else:
         pruned, sens_seconds, info = _tp_prune(ctx, model_name, spec, budget, target, seed)
     pruned = pruned.to(ctx.device).eval()
-    reestimate_batchnorm(pruned, ctx.bn_batches(seed), 16)
+    if spec.get("reestimate_bn", True):
+        reestimate_batchnorm(pruned, ctx.bn_batches(seed), 16)
     acc_oneshot = ctx.test_accuracy(pruned)
     p = ctx.preset
     config = p.finetune_config(seed)
+    plan_desc = info.pop("_plan_desc", None) or info.get("plan_widths")
+    ft_key = finetune_key(model_name, plan_desc, spec, config.to_dict(), p.eval_limit, pruned)
     acc_ft, ft = None, None
     if p.epochs > 0:
         ft = finetune(pruned, ctx.data.train, ctx.data.val, config, device=ctx.device, progress=ctx.progress,
-                      checkpoint_dir=ctx.runs_dir / p.name / model_name / rid / "finetune",
+                      checkpoint_dir=finetune_dir(ctx, model_name, ft_key),
                       log_fn=lambda r: _log(f"  epoch {r.epoch}: val {r.val_accuracy:.4f}"))
         acc_ft = ctx.test_accuracy(pruned)
     pruned.eval()
@@ -405,8 +487,8 @@ def run_one(ctx: SweepContext, model_name: str, criterion: str, budget: str, tar
                      "split": "test", "eval_images": p.eval_limit or len(ctx.data.test),
                      "selection": "best validation epoch (validation split carved from train)"},
         "sensitivity_seconds": sens_seconds, "details": info,
-        "calibration": {"batches": p.calib_batches, "batch_size": p.calib_batch_size, "seed": seed},
-        "finetune": {"config": config.to_dict(), "result": ft.to_dict() if ft else None},
+        "calibration": ctx.calibration_record(seed),
+        "finetune": {"config": config.to_dict(), "result": ft.to_dict() if ft else None, "checkpoint_key": ft_key},
         "seconds": round(time.perf_counter() - t0, 2), "started_at": started.isoformat(),
         "versions": {"haprune": haprune.__version__, "torch": torch.__version__, "python": platform.python_version()},
     }

@@ -42,7 +42,7 @@ def test_one_run_writes_json_and_resumes(tmp_path):
     assert saved["accuracy"]["split"] == "test" and saved["accuracy"]["eval_images"] == 32
     assert saved["sensitivity_seconds"] >= 0 and saved["details"]["resolved_criterion"] == "ggn"
     assert saved["finetune"]["result"]["best_epoch"] is not None
-    assert (tmp_path / "runs" / "tiny" / "resnet20" / "tiny__hap__p50__s0" / "finetune").is_dir()
+    assert (tmp_path / "runs" / "tiny" / "resnet20" / f"ft-{saved['finetune']['checkpoint_key']}").is_dir()
     # resume: a second call finds the JSON and skips the run
     assert sweep.run_one(ctx, "resnet20", "hap", "params", 0.5, 0) is None
     # the tables come from the JSON only
