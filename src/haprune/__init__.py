@@ -14,10 +14,34 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .apply import ImplantConv2d, apply_plan, merge_implants
-from .estimate import Sensitivity
-from .graph import StructureSet, build_structures
-from .plan import CostModel, Plan, make_plan
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# The names below are imported on first use (PEP 562), so that ``import haprune`` -- which every ``haprune``
+# command does first -- does not cost the seconds of importing torch: ``haprune --help`` answers at once.
+_LAZY = {"build_structures": "graph", "StructureSet": "graph", "Sensitivity": "estimate", "make_plan": "plan",
+         "Plan": "plan", "CostModel": "plan", "apply_plan": "apply", "merge_implants": "apply",
+         "ImplantConv2d": "apply"}
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from .apply import ImplantConv2d, apply_plan, merge_implants
+    from .estimate import Sensitivity
+    from .graph import StructureSet, build_structures
+    from .plan import CostModel, Plan, make_plan
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'haprune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = ["__version__", "build_structures", "StructureSet", "Sensitivity", "make_plan", "Plan",
            "CostModel", "apply_plan", "merge_implants", "ImplantConv2d"]
