@@ -178,3 +178,63 @@ def test_missing_and_mismatched_files(pruned, tmp_path):
     (tmp_path / PLAN_FILE).unlink()
     with pytest.raises(FileNotFoundError, match="lacks plan.json"):
         load_pruned(tmp_path, create_model("resnet20", **ARCH), X)
+
+
+def _resave(path: Path, change) -> None:
+    """Rewrite a safetensors file with ``change(tensors)`` applied, keeping its metadata."""
+    tensors = load_file(path)
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    change(tensors)
+    save_file(tensors, path, metadata=metadata)
+
+
+def test_int_tensors_and_nan_weights_in_a_run_folder_are_refused(pruned, tmp_path):
+    plan, pm = pruned["1x1"]
+    save_pruned(tmp_path, pm, plan)
+    _resave(tmp_path / WEIGHTS_FILE, lambda t: t.update({"conv1.weight": (t["conv1.weight"] * 100).to(torch.int32)}))
+    with pytest.raises(ValueError, match=r"integer tensors.*conv1.weight: file torch.int32.*truncate"):
+        load_pruned(tmp_path, create_model("resnet20", **ARCH), X)
+    save_pruned(tmp_path, pm, plan)
+    _resave(tmp_path / WEIGHTS_FILE, lambda t: t["fc.weight"].view(-1)[3].fill_(float("nan")))
+    with pytest.raises(ValueError, match=r"NaN or infinite values in fc.weight"):
+        load_pruned(tmp_path, create_model("resnet20", **ARCH), X)
+
+
+def test_plan_json_with_groups_as_a_list_is_a_clear_error(pruned, tmp_path):
+    plan, pm = pruned["1x1"]
+    save_pruned(tmp_path, pm, plan)
+    d = json.loads((tmp_path / PLAN_FILE).read_text())
+    d["groups"] = list(d["groups"].values())
+    (tmp_path / PLAN_FILE).write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="plan.json is not a valid haprune plan"):
+        load_pruned(tmp_path, create_model("resnet20", **ARCH), X)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "not a readable safetensors file"),
+    (None, "not a readable safetensors file"),  # truncated
+    (b"garbage" * 10, "not a readable safetensors file"),
+])
+def test_corrupt_weight_files_name_the_file(tmp_path, content, message):
+    from haprune.io import load_checkpoint_weights, save_weights
+
+    model = create_model("resnet20", **ARCH)
+    path = tmp_path / "w.safetensors"
+    save_weights(model, path)
+    path.write_bytes(path.read_bytes()[:-100] if content is None else content)
+    with pytest.raises(ValueError, match=f"{path}.*{message}|{message}.*{path}"):
+        load_checkpoint_weights(create_model("resnet20", **ARCH), path)
+
+
+def test_weights_of_another_architecture_say_so(tmp_path):
+    from haprune.io import load_checkpoint_weights, save_weights
+
+    save_weights(create_model("resnet20", **ARCH), tmp_path / "r20.safetensors")
+    with pytest.raises(ValueError, match=r"r20.safetensors does not match the model: it lacks layer1.3"):
+        load_checkpoint_weights(create_model("resnet56", **ARCH), tmp_path / "r20.safetensors")
+    with pytest.raises(ValueError, match="other shapes"):
+        load_checkpoint_weights(create_model("resnet20", in_channels=3, num_classes=10), tmp_path / "r20.safetensors")
+    half = create_model("resnet20", **ARCH)
+    save_weights(half, tmp_path / "half.safetensors", dtype=torch.float16)  # float16 into float32: allowed
+    load_checkpoint_weights(create_model("resnet20", **ARCH), tmp_path / "half.safetensors")

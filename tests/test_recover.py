@@ -238,3 +238,57 @@ def test_committed_baselines_load(name: str) -> None:
     model = create_model(name, in_channels=1, num_classes=10)
     load_checkpoint_weights(model, CHECKPOINTS / f"{name}-fmnist.safetensors")
     assert report["test_accuracy"] > 0.9 and report["recipe"]["select_best"]
+
+
+def test_a_checkpoint_of_another_run_key_is_refused_not_resumed(tmp_path: Path) -> None:
+    from haprune.recover import checkpoint_progress
+
+    model = toy_net()
+    finetune(model, toy_data(), toy_data(24, seed=1), small_config(epochs=1), checkpoint_dir=tmp_path,
+             progress=False, run_key="lstsq-run")
+    assert checkpoint_progress(tmp_path) == {"epochs_done": 1, "run_key": "lstsq-run",
+                                             "config": small_config(epochs=1).to_dict()}
+    with pytest.raises(ValueError, match="run 'lstsq-run', not of run 'zeros-run'.*other run's weights"):
+        finetune(toy_net(), toy_data(), toy_data(24, seed=1), small_config(epochs=1), checkpoint_dir=tmp_path,
+                 progress=False, run_key="zeros-run")
+    resumed = toy_net(seed=5)  # the same key resumes: all epochs done, so the saved weights come back
+    result = finetune(resumed, toy_data(), toy_data(24, seed=1), small_config(epochs=1), checkpoint_dir=tmp_path,
+                      progress=False, run_key="lstsq-run")
+    assert result.resumed_from_epoch == 1
+    assert checkpoint_progress(tmp_path / "none") is None
+
+
+class DictOutput(nn.Module):
+    """A model returning a Hugging Face-style mapping with ``logits``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = toy_net()
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return {"logits": self.net(x), "hidden": x}
+
+
+def test_evaluate_and_finetune_take_models_returning_a_mapping_or_tuple(tmp_path: Path) -> None:
+    wrapped = DictOutput()
+    plain = wrapped.net
+    assert evaluate(wrapped, toy_data()) == evaluate(plain, toy_data())
+
+    class TupleOutput(DictOutput):
+        def forward(self, x):
+            return (self.net(x), x)
+
+    a, b = DictOutput(), TupleOutput()
+    ra = finetune(a, toy_data(), toy_data(24, seed=1), small_config(epochs=1), progress=False)
+    rb = finetune(b, toy_data(), toy_data(24, seed=1), small_config(epochs=1), progress=False)
+    assert ra.history[0].train_loss == rb.history[0].train_loss
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(x, y)
+
+
+def test_load_checkpoint_weights_moved_to_io_and_still_importable_from_recover() -> None:
+    import haprune.io
+    import haprune.recover
+
+    assert haprune.recover.load_checkpoint_weights is haprune.io.load_checkpoint_weights
+    assert haprune.recover.save_weights is haprune.io.save_weights

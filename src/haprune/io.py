@@ -5,6 +5,11 @@ A pruned model is stored as a directory of two plain files:
 * ``plan.json``: the :class:`~haprune.plan.Plan` (which channels each group keeps, implants and removes);
 * ``model.safetensors``: every parameter and persistent buffer of the pruned (and implanted) model.
 
+Every tensor read back is checked before it reaches a model: the names, the shapes, the kind of number (a float
+parameter is never filled from an integer tensor, which would truncate it silently) and, for floating point,
+that every value is finite. :func:`save_weights` / :func:`load_checkpoint_weights` do the same for plain
+(dense) weight files, single or sharded.
+
 Loading rebuilds the architecture from the plan instead of unpickling code: the caller builds the *dense* model
 (same constructor, same arguments; its weights do not matter), :func:`load_pruned` applies the plan to it, which
 gives every tensor its pruned shape, then fills in the saved tensors. Nothing in either file can run code.
@@ -23,18 +28,17 @@ import os
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from ._fileio import atomic_save_safetensors, atomic_write_bytes, atomic_write_text
+from ._fileio import PathLike, atomic_save_safetensors, atomic_write_bytes, atomic_write_text
 from .apply import PlanMismatchError, apply_plan
-from .graph import _forward
-from .plan import Plan
 from .graph import eval_mode
+from .plan import Plan
 
 PLAN_FILE = "plan.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -47,6 +51,10 @@ __all__ = [
     "PlanMismatchError",
     "save_pruned",
     "load_pruned",
+    "read_weights_metadata",
+    "check_state_dict",
+    "save_weights",
+    "load_checkpoint_weights",
     "export_onnx",
     "onnx_matches",
 ]
@@ -120,6 +128,16 @@ def load_pruned(out_dir: str | os.PathLike[str], base_model: nn.Module, example_
     return model
 
 
+def read_weights_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The header metadata of a safetensors file (e.g. ``model.safetensors`` of a run folder), without reading
+    the tensors. Raises ValueError naming the file when it is not a readable safetensors file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, ValueError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from e
+
+
 def _plan_digest(plan: Plan) -> str:
     """SHA-256 of the plan's canonical JSON (insensitive to how plan.json is formatted)."""
     canonical = json.dumps(plan.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -129,7 +147,7 @@ def _plan_digest(plan: Plan) -> str:
 def _parse_plan(text: str, path: Path) -> Plan:
     try:
         return Plan.from_json(text)
-    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError is a ValueError
         raise ValueError(f"{path} is not a valid haprune plan ({type(e).__name__}: {e}); re-save it with "
                          "save_pruned") from e
 
@@ -147,22 +165,43 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 def _check_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], path: Path, strict: bool) -> None:
-    """Raise a readable error when the saved tensors do not fit the rebuilt model (names when ``strict``, shapes)."""
-    expected = model.state_dict()
+    """Raise a readable error when the saved tensors do not fit the rebuilt model (names when ``strict``, shapes,
+    number kinds, finite values)."""
     hint = ("Build base_model with the same architecture and constructor arguments (input channels, classes, "
             "width) as the model that was pruned")
+    check_state_dict(model, tensors, path, strict=strict, hint=hint, what="the model rebuilt from the plan")
+
+
+def check_state_dict(model: nn.Module, tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], *,
+                     strict: bool = True, hint: str = "", what: str = "the model") -> None:
+    """Raise ValueError, naming ``path`` and the first offending tensors, unless ``tensors`` fit ``model``:
+    the same names (when ``strict``), the same shapes, floating-point tensors where the model has them (an
+    integer tensor would load truncated) and integer ones where it has integers, and only finite values."""
+    expected = model.state_dict()
+    hint = hint or ("Is it the weights file of this architecture (same model, input channels, classes, width)? "
+                    "Pass the weights this model was trained to")
     if strict:
         missing = [n for n in expected if n not in tensors]
         unexpected = [n for n in tensors if n not in expected]
         if missing or unexpected:
-            raise ValueError(f"{path} does not match the model rebuilt from the plan: it lacks "
+            raise ValueError(f"{path} does not match {what}: it lacks "
                              f"{_some(missing)} and has extra {_some(unexpected)}. {hint}, or pass strict=False to "
                              "load only the tensors that match")
     bad = [f"{name}: file {tuple(t.shape)}, model {tuple(expected[name].shape)}"
            for name, t in tensors.items() if name in expected and expected[name].shape != t.shape]
     if bad:
-        raise ValueError(f"{path} holds tensors of other shapes than the model rebuilt from the plan: "
+        raise ValueError(f"{path} holds tensors of other shapes than {what}: "
                          f"{_some(bad)}. {hint}")
+    kinds = [f"{name}: file {t.dtype}, model {expected[name].dtype}" for name, t in tensors.items()
+             if name in expected and t.is_floating_point() != expected[name].is_floating_point()]
+    if kinds:
+        raise ValueError(f"{path} holds integer tensors where the model has floating-point ones (or the reverse): "
+                         f"{_some(kinds)}; loading them would truncate the weights. Re-save the weights in "
+                         "floating point (e.g. with haprune.io.save_weights)")
+    bad_values = [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad_values:
+        raise ValueError(f"{path} holds NaN or infinite values in {_some(bad_values)}: the weights are corrupt (or "
+                         "the training that produced them diverged); use an earlier checkpoint or retrain")
 
 
 def _some(items: list[str], limit: int = 5) -> str:
@@ -171,6 +210,88 @@ def _some(items: list[str], limit: int = 5) -> str:
         return "nothing"
     more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
     return ", ".join(items[:limit]) + more
+
+
+# ----------------------------------------------------------------------------------------------------
+# Weight files of whole (dense) models: optionally half precision and sharded
+
+
+def _shard_paths(path: Path) -> List[Path]:
+    """Existing shards ``<stem>-00001-of-0000N.safetensors`` of ``path``, checked to be complete."""
+    found = sorted(path.parent.glob(f"{path.stem}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]{path.suffix}"))
+    if not found:
+        return []
+    count = int(found[0].stem.rsplit("-of-", 1)[1])
+    expected = [path.with_name(f"{path.stem}-{i:05d}-of-{count:05d}{path.suffix}") for i in range(1, count + 1)]
+    if found != expected:
+        raise FileNotFoundError(f"incomplete or mixed shards of {path}: found {[p.name for p in found]}")
+    return expected
+
+
+def _split_shards(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> List[Dict[str, torch.Tensor]]:
+    """Greedy, order-preserving split into groups of at most ``max_bytes`` of tensor data each."""
+    shards: List[Dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes > max_bytes:
+            raise ValueError(f"tensor {name} has {nbytes} bytes, more than max_shard_bytes={max_bytes}")
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+def save_weights(
+    model: nn.Module,
+    path: PathLike,
+    dtype: Optional[torch.dtype] = None,
+    max_shard_bytes: Optional[int] = None,
+    metadata: Optional[Mapping[str, str]] = None,
+) -> List[Path]:
+    """Save the model's state dict as safetensors at ``path`` (atomically); returns the files written.
+
+    ``dtype`` (e.g. ``torch.float16``) converts floating-point tensors to keep the file small. With
+    ``max_shard_bytes``, a state dict that does not fit is split into ``<stem>-00001-of-0000N.safetensors``
+    files; :func:`load_checkpoint_weights` reads either form. Stale files of the other form are removed.
+    """
+    target = Path(path)
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+             for k, v in model.state_dict().items()}
+    groups = _split_shards(state, max_shard_bytes) if max_shard_bytes is not None else [state]
+    stale = _shard_paths(target) + ([target] if target.exists() else [])
+    if len(groups) == 1:
+        written = [target]
+    else:
+        written = [target.with_name(f"{target.stem}-{i:05d}-of-{len(groups):05d}{target.suffix}")
+                   for i in range(1, len(groups) + 1)]
+    for file, group in zip(written, groups):
+        atomic_save_safetensors(group, file, metadata=metadata)
+    for old in stale:
+        if old not in written:
+            old.unlink(missing_ok=True)
+    return written
+
+
+def load_checkpoint_weights(model: nn.Module, path: PathLike, strict: bool = True) -> nn.Module:
+    """Load weights saved by :func:`save_weights` (single file or shards, any float dtype) into ``model``.
+
+    Tensors are cast to the model's own dtypes and devices. Returns ``model``. Raises ValueError, naming the
+    file, when it is not a readable safetensors file or its tensors do not fit ``model``
+    (:func:`check_state_dict`: names, shapes, integer vs floating point, NaN / infinite values).
+    """
+    target = Path(path)
+    files = [target] if target.is_file() else _shard_paths(target)
+    if not files:
+        raise FileNotFoundError(f"no weights at {target} (nor shards {target.stem}-00001-of-N{target.suffix})")
+    state: Dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(_read_safetensors(file)[0])
+    check_state_dict(model, state, target, strict=strict)
+    model.load_state_dict(state, strict=strict)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------- ONNX
@@ -185,7 +306,7 @@ def export_onnx(model: nn.Module, example_inputs: Any, path: str | os.PathLike[s
     inputs = _as_tuple(example_inputs)
     with eval_mode(model):
         with torch.no_grad():
-            n_out = len(_flatten_outputs(_forward(model, inputs)))
+            n_out = len(_flatten_outputs(model(*inputs)))
         in_names = _names("input", len(inputs))
         out_names = _names("output", n_out)
         data = _export_bytes(model, inputs, in_names, out_names, opset)
@@ -247,7 +368,7 @@ def onnx_matches(model: nn.Module, path: str | os.PathLike[str], inputs: Any, at
     got = [torch.from_numpy(g).double() for g in session.run(None, feed)]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     with eval_mode(model), _no_tf32(), torch.inference_mode():
-        ref = [r.detach().cpu().double() for r in _flatten_outputs(_forward(model, tuple(a.to(device) for a in args)))]
+        ref = [r.detach().cpu().double() for r in _flatten_outputs(model(*(a.to(device) for a in args)))]
     if len(got) != len(ref):
         raise OnnxMismatchError(f"{path} has {len(got)} outputs, the model {len(ref)}")
     diff, worst = 0.0, 0.0  # largest absolute difference; largest excess over the tolerance

@@ -26,6 +26,7 @@ from ._fileio import PathLike, atomic_save_safetensors, atomic_write_json
 from .data import Batches, as_image_dataset
 from .data import batches as make_batches
 from .graph import model_device, preserved_modes
+from .outputs import logits_of
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
 EvalData = Union[TensorDataset, Iterable[Batch]]
@@ -57,6 +58,7 @@ def evaluate(model: nn.Module, data: EvalData, batch_size: int = 512, device: De
 
     ``data`` is a ``TensorDataset`` of (images, labels) or an iterable of ``(x, y)`` batches. The model runs in
     eval mode without gradients and gets its modes back afterwards; with ``device`` it is moved there first.
+    The model may return a tensor, a ``ModelOutput`` / dict with ``logits``, or a tuple (:func:`logits_of`).
     """
     if device is not None:
         model.to(device)
@@ -66,7 +68,7 @@ def evaluate(model: nn.Module, data: EvalData, batch_size: int = 512, device: De
         model.eval()
         for x, y in _eval_batches(data, batch_size, target):
             x, y = x.to(target), y.to(target)
-            logits = model(x).float()
+            logits = logits_of(model(x)).float()
             total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(dim=1) == y).sum())
             count += y.shape[0]
@@ -344,7 +346,8 @@ def _unprefixed(prefix: str, tensors: Mapping[str, torch.Tensor]) -> Dict[str, t
 
 
 def _save_checkpoint(
-    directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: FinetuneConfig, run: _RunState
+    directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: FinetuneConfig, run: _RunState,
+    run_key: Optional[str] = None,
 ) -> None:
     """Write ``state-<epoch>.safetensors``, then commit it by atomically replacing ``checkpoint.json``."""
     optimizer_tensors, optimizer_scalars = _flatten_optimizer(optimizer)
@@ -355,6 +358,7 @@ def _save_checkpoint(
     atomic_save_safetensors(tensors, directory / tensor_file, metadata={"format": CHECKPOINT_FORMAT})
     atomic_write_json(directory / CHECKPOINT_JSON, {
         "format": CHECKPOINT_FORMAT,
+        "run_key": run_key,
         "epochs_done": run.epochs_done,
         "tensors": tensor_file,
         "config": config.to_dict(),
@@ -368,6 +372,16 @@ def _save_checkpoint(
             stale.unlink(missing_ok=True)
 
 
+def checkpoint_progress(checkpoint_dir: PathLike) -> Optional[Dict[str, object]]:
+    """``{"epochs_done", "run_key", "config"}`` of the run saved in ``checkpoint_dir`` by :func:`finetune`, or
+    None if it holds none (say "resuming from epoch k of run <key>" before calling finetune)."""
+    path = Path(checkpoint_dir) / CHECKPOINT_JSON
+    if not path.is_file():
+        return None
+    meta = json.loads(path.read_text())
+    return {"epochs_done": meta.get("epochs_done"), "run_key": meta.get("run_key"), "config": meta.get("config")}
+
+
 def checkpoint_config(checkpoint_dir: PathLike) -> Optional[FinetuneConfig]:
     """The config of the run saved in ``checkpoint_dir`` by :func:`finetune`, or None if it holds none."""
     path = Path(checkpoint_dir) / CHECKPOINT_JSON
@@ -377,12 +391,20 @@ def checkpoint_config(checkpoint_dir: PathLike) -> Optional[FinetuneConfig]:
 
 
 def _load_checkpoint(
-    directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: FinetuneConfig
+    directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: FinetuneConfig,
+    run_key: Optional[str] = None,
 ) -> _RunState:
-    """Restore model, optimizer, RNG and run state from ``directory``; the config must match the saved one."""
+    """Restore model, optimizer, RNG and run state from ``directory``; the config (and the run key, when one is
+    given) must match the saved ones."""
     meta = json.loads((directory / CHECKPOINT_JSON).read_text())
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{directory / CHECKPOINT_JSON} is not a {CHECKPOINT_FORMAT} checkpoint")
+    if run_key is not None and meta.get("run_key") != run_key:
+        raise ValueError(
+            f"checkpoint_dir {directory} holds fine-tuning of run {meta.get('run_key')!r}, not of run {run_key!r} "
+            "(another plan, implant init, compensation, starting weights or setting); resuming it would give the "
+            "other run's weights. Use a new checkpoint_dir, or delete this one to start over"
+        )
     changed = {k: (v, getattr(config, k, None)) for k, v in meta["config"].items() if getattr(config, k, None) != v}
     if changed:
         details = ", ".join(f"{k}: saved {old!r} != now {new!r}" for k, (old, new) in changed.items())
@@ -443,11 +465,11 @@ def _train_epoch(
                disable=None if progress else True)
     for step, (x, y) in enumerate(bar, start=1):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
-            logits = model(x)
+            logits = logits_of(model(x))
             teacher_logits = None
             if teacher is not None:
                 with torch.no_grad():
-                    teacher_logits = teacher(x).float()
+                    teacher_logits = logits_of(teacher(x)).float()
         loss = distillation_loss(logits.float(), y, teacher_logits, config.distill_alpha,
                                  config.distill_temperature, config.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
@@ -472,6 +494,7 @@ def finetune(
     device: Device = None,
     progress: bool = True,
     log_fn: Optional[Callable[[EpochRecord], None]] = None,
+    run_key: Optional[str] = None,
 ) -> FinetuneResult:
     """Train ``model`` in place with SGD (plus distillation from ``teacher``) and return the run's history.
 
@@ -482,6 +505,10 @@ def finetune(
     weights are loaded (``select_best``) and BatchNorm statistics re-estimated (``bn_reestimate``).
     A fresh run seeds torch's global RNG with ``config.seed``. The model, teacher (put in eval mode) and data
     are moved to ``device`` (default: the model's device). Raises :class:`NonFiniteLossError` if the loss diverges.
+
+    ``run_key`` names what the config cannot see: a hash of everything that determined the starting model (plan,
+    implant init, compensation, starting weights, data). It is saved with each checkpoint, and a checkpoint of
+    another key is refused instead of resumed (the config alone cannot tell two such runs apart).
     """
     target = torch.device(device) if device is not None else model_device(model)
     model.to(target)
@@ -493,7 +520,7 @@ def finetune(
                                 weight_decay=config.weight_decay, nesterov=config.nesterov)
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if directory is not None and (directory / CHECKPOINT_JSON).is_file():
-        run = _load_checkpoint(directory, model, optimizer, config)
+        run = _load_checkpoint(directory, model, optimizer, config, run_key)
     else:
         torch.manual_seed(config.seed)
         run = _RunState()
@@ -513,7 +540,7 @@ def finetune(
                             time.perf_counter() - epoch_start)
         run.record(entry, model)
         if directory is not None:
-            _save_checkpoint(directory, model, optimizer, config, run)
+            _save_checkpoint(directory, model, optimizer, config, run, run_key)
         if log_fn is not None:
             log_fn(entry)
     if config.select_best and run.best_state is not None:
@@ -535,87 +562,24 @@ def finetune(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Weight files (optionally half precision and sharded)
+# Weight files: :func:`save_weights` and :func:`load_checkpoint_weights` live in :mod:`haprune.io` (with every other
+# file format) and are re-exported here, imported on first use (io imports apply, which imports this module).
+
+_MOVED_TO_IO = ("save_weights", "load_checkpoint_weights")
 
 
-def _shard_paths(path: Path) -> List[Path]:
-    """Existing shards ``<stem>-00001-of-0000N.safetensors`` of ``path``, checked to be complete."""
-    found = sorted(path.parent.glob(f"{path.stem}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]{path.suffix}"))
-    if not found:
-        return []
-    count = int(found[0].stem.rsplit("-of-", 1)[1])
-    expected = [path.with_name(f"{path.stem}-{i:05d}-of-{count:05d}{path.suffix}") for i in range(1, count + 1)]
-    if found != expected:
-        raise FileNotFoundError(f"incomplete or mixed shards of {path}: found {[p.name for p in found]}")
-    return expected
+def __getattr__(name: str):
+    if name in _MOVED_TO_IO:
+        from . import io
 
-
-def _split_shards(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> List[Dict[str, torch.Tensor]]:
-    """Greedy, order-preserving split into groups of at most ``max_bytes`` of tensor data each."""
-    shards: List[Dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if nbytes > max_bytes:
-            raise ValueError(f"tensor {name} has {nbytes} bytes, more than max_shard_bytes={max_bytes}")
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    return shards
-
-
-def save_weights(
-    model: nn.Module,
-    path: PathLike,
-    dtype: Optional[torch.dtype] = None,
-    max_shard_bytes: Optional[int] = None,
-    metadata: Optional[Mapping[str, str]] = None,
-) -> List[Path]:
-    """Save the model's state dict as safetensors at ``path`` (atomically); returns the files written.
-
-    ``dtype`` (e.g. ``torch.float16``) converts floating-point tensors to keep the file small. With
-    ``max_shard_bytes``, a state dict that does not fit is split into ``<stem>-00001-of-0000N.safetensors``
-    files; :func:`load_checkpoint_weights` reads either form. Stale files of the other form are removed.
-    """
-    target = Path(path)
-    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
-             for k, v in model.state_dict().items()}
-    groups = _split_shards(state, max_shard_bytes) if max_shard_bytes is not None else [state]
-    stale = _shard_paths(target) + ([target] if target.exists() else [])
-    if len(groups) == 1:
-        written = [target]
-    else:
-        written = [target.with_name(f"{target.stem}-{i:05d}-of-{len(groups):05d}{target.suffix}")
-                   for i in range(1, len(groups) + 1)]
-    for file, group in zip(written, groups):
-        atomic_save_safetensors(group, file, metadata=metadata)
-    for old in stale:
-        if old not in written:
-            old.unlink(missing_ok=True)
-    return written
-
-
-def load_checkpoint_weights(model: nn.Module, path: PathLike, strict: bool = True) -> nn.Module:
-    """Load weights saved by :func:`save_weights` (single file or shards, any float dtype) into ``model``.
-
-    Tensors are cast to the model's own dtypes and devices. Returns ``model``.
-    """
-    target = Path(path)
-    files = [target] if target.is_file() else _shard_paths(target)
-    if not files:
-        raise FileNotFoundError(f"no weights at {target} (nor shards {target.stem}-00001-of-N{target.suffix})")
-    state: Dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(str(file)))
-    model.load_state_dict(state, strict=strict)
-    return model
+        return getattr(io, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
     "EpochRecord",
     "checkpoint_config",
+    "checkpoint_progress",
     "FinetuneConfig",
     "FinetuneResult",
     "NonFiniteLossError",
