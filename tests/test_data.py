@@ -197,3 +197,47 @@ def test_digits_without_scikit_learn_says_what_to_install(monkeypatch: pytest.Mo
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     with pytest.raises(DatasetNotFoundError, match="pip install scikit-learn"):
         load_dataset("digits")
+
+
+def test_a_label_file_shorter_than_the_images_is_refused(tmp_path: Path) -> None:
+    write_fake_mnist(tmp_path, n_train=60)
+    write_idx_gz(tmp_path / "train-labels-idx1-ubyte.gz", (torch.arange(59) % 10).to(torch.uint8))
+    with pytest.raises(ValueError, match=r"train-labels-idx1-ubyte.gz holds 59 labels but .*train-images.* 60 images"):
+        load_dataset("fashion-mnist", root=tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_truncated_or_garbage_gzip_names_the_file(tmp_path: Path, damage: str) -> None:
+    write_fake_mnist(tmp_path)
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2] if damage == "truncate" else raw[:10] + b"\xff" * 50)
+    with pytest.raises(IDXFormatError, match=r"t10k-images-idx3-ubyte.gz: the gzip data is truncated or corrupt"):
+        load_dataset("fashion-mnist", root=tmp_path)
+
+
+def test_npz_and_idx_folders_of_your_own(tmp_path: Path) -> None:
+    import numpy as np
+
+    from haprune.data import load_data_path
+
+    rng = np.random.default_rng(0)
+    x_train = rng.integers(0, 256, (50, 12, 12, 3), dtype=np.uint8)  # N x H x W x C
+    x_test = rng.integers(0, 256, (10, 12, 12, 3), dtype=np.uint8)
+    np.savez(tmp_path / "d.npz", x_train=x_train, y_train=np.arange(50) % 3, x_test=x_test, y_test=np.arange(10) % 3)
+    d = load_data_path(tmp_path / "d.npz", val_size=5)
+    assert (d.num_classes, d.in_channels, d.image_size, d.name) == (3, 3, 12, "npz:d.npz")
+    assert len(d.train) == 45 and len(d.val) == 5 and len(d.test) == 10
+    # the pixel (0, 0) of test image 0, channel 2, normalised with the train split's statistics
+    assert float(d.test.images[0, 2, 0, 0]) == pytest.approx((x_test[0, 0, 0, 2] / 255 - d.mean[2]) / d.std[2], rel=1e-5)
+    np.savez(tmp_path / "bad.npz", x_train=x_train, y_train=np.arange(49) % 3, x_test=x_test, y_test=np.arange(10) % 3)
+    with pytest.raises(ValueError, match="y_train holds 49 labels but .*x_train holds 50 images"):
+        load_data_path(tmp_path / "bad.npz")
+    np.savez(tmp_path / "keys.npz", images=x_train)
+    with pytest.raises(ValueError, match="lacks the arrays x_train"):
+        load_data_path(tmp_path / "keys.npz")
+    write_fake_mnist(tmp_path / "idx", n_train=40)
+    d = load_data_path(tmp_path / "idx")
+    assert (d.num_classes, d.in_channels, len(d.train) + len(d.val)) == (10, 1, 40)
+    with pytest.raises(DatasetNotFoundError, match="not found"):
+        load_data_path(tmp_path / "missing.npz")

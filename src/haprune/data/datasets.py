@@ -185,8 +185,8 @@ def _idx_file(directory: Path, split: str, kind: str) -> Optional[Path]:
     return None
 
 
-def _load_idx_folder(directory: Path, what: str, how_to_install: str) -> _RawData:
-    """Read the four (Fashion-)MNIST IDX files of ``directory``."""
+def _load_idx_folder(directory: Path, what: str, how_to_install: str, num_classes: Optional[int] = 10) -> _RawData:
+    """Read the four (Fashion-)MNIST IDX files of ``directory`` (``num_classes=None``: as many as the labels say)."""
     wanted = [(split, kind) for split in ("train", "t10k") for kind in ("images-idx3", "labels-idx1")]
     found = {key: _idx_file(directory, *key) for key in wanted}
     missing = [f"{split}-{kind}-ubyte.gz" for (split, kind), path in found.items() if path is None]
@@ -197,7 +197,26 @@ def _load_idx_folder(directory: Path, what: str, how_to_install: str) -> _RawDat
         )
     train_images, test_images = (_images_from_idx(found[(s, "images-idx3")]) for s in ("train", "t10k"))
     train_labels, test_labels = (read_idx(found[(s, "labels-idx1")]).long() for s in ("train", "t10k"))
-    return _RawData(train_images, train_labels, test_images, test_labels, num_classes=10)
+    for split, images, labels in (("train", train_images, train_labels), ("t10k", test_images, test_labels)):
+        check_labels(images, labels, found[(split, "images-idx3")], found[(split, "labels-idx1")],
+                     num_classes=num_classes)
+    if num_classes is None:
+        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    return _RawData(train_images, train_labels, test_images, test_labels, num_classes=num_classes)
+
+
+def check_labels(images: torch.Tensor, labels: torch.Tensor, image_source: object, label_source: object,
+                 num_classes: Optional[int] = None) -> None:
+    """Raise ValueError naming both files unless there is one label per image (and, given ``num_classes``, every
+    label is in ``[0, num_classes)``): a shorter label file would otherwise drop images silently."""
+    if labels.dim() != 1:
+        raise ValueError(f"{label_source}: labels must be one number per image, got shape {tuple(labels.shape)}")
+    if labels.shape[0] != images.shape[0]:
+        raise ValueError(f"{label_source} holds {labels.shape[0]} labels but {image_source} holds {images.shape[0]} "
+                         "images; the files do not belong together (or one is truncated): use matching files")
+    if labels.numel() and (int(labels.min()) < 0 or (num_classes is not None and int(labels.max()) >= num_classes)):
+        raise ValueError(f"{label_source}: labels must lie in [0, {num_classes}), found {int(labels.min())} .. "
+                         f"{int(labels.max())}")
 
 
 def _images_from_idx(path: Path) -> torch.Tensor:
@@ -243,6 +262,104 @@ def _load_digits(root: Optional[PathLike]) -> _RawData:
     labels = torch.as_tensor(bunch.target, dtype=torch.int64)
     train_idx, test_idx = split_indices(labels.shape[0], DIGITS_TEST_SIZE, _DIGITS_TEST_SEED)
     return _RawData(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx], num_classes=10)
+
+
+def load_data_path(path: PathLike, split_seed: int = 0, val_size: Optional[int] = None) -> DatasetSplits:
+    """Load your own images, told apart by what ``path`` is, and split them like :func:`load_dataset`:
+
+    * a ``.npz`` file with arrays ``x_train``, ``y_train``, ``x_test``, ``y_test``: images ``N x H x W``,
+      ``N x C x H x W`` or ``N x H x W x C`` (C = 1 or 3), uint8 (0..255) or float (0..1); integer labels;
+    * a folder with the four IDX files ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`` (MNIST layout, any
+      number of classes).
+
+    The number of classes is the largest label plus one. The validation split is ``val_size`` training images
+    (default: 10% of them, at most 5000). Raises ValueError naming the file on malformed data (missing arrays,
+    images and labels of different lengths, negative labels, train and test images of different shapes).
+    """
+    source = Path(path)
+    if source.is_dir():
+        raw = _load_idx_folder(source, f"IDX data in {source}", "Put the four IDX files there", num_classes=None)
+        name = f"idx:{source.name}"
+    elif source.is_file() and source.suffix == ".npz":
+        raw = _load_npz(source)
+        name = f"npz:{source.name}"
+    elif not source.exists():
+        raise DatasetNotFoundError(f"data {source} not found: pass a .npz file or a folder of IDX files")
+    else:
+        raise ValueError(f"data {source}: expected a .npz file (x_train, y_train, x_test, y_test) or a folder "
+                         "holding the four IDX files")
+    n = raw.train_labels.shape[0]
+    if val_size is None:
+        val_size = min(DEFAULT_VAL_SIZE, n // 10)
+    train_idx, val_idx = split_indices(n, val_size, split_seed)
+    train_images = raw.train_images[train_idx]
+    mean, std = channel_stats(train_images)
+    return DatasetSplits(
+        name=name,
+        train=ImageDataset(normalize(train_images, mean, std), raw.train_labels[train_idx]),
+        val=ImageDataset(normalize(raw.train_images[val_idx], mean, std), raw.train_labels[val_idx]),
+        test=ImageDataset(normalize(raw.test_images, mean, std), raw.test_labels),
+        num_classes=raw.num_classes,
+        in_channels=raw.train_images.shape[1],
+        image_size=raw.train_images.shape[2],
+        mean=tuple(mean.tolist()),
+        std=tuple(std.tolist()),
+    )
+
+
+def _load_npz(path: Path) -> _RawData:
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in npz.files]
+            if missing:
+                raise ValueError(f"{path} lacks the arrays {', '.join(missing)} (it holds {', '.join(npz.files)}); "
+                                 "save it with np.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)")
+            arrays = {k: npz[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"{path} is not a readable .npz file ({type(e).__name__}: {e})") from None
+    except ValueError as e:
+        if "pickle" in str(e):
+            raise ValueError(f"{path} holds object arrays (pickles), which are never loaded; save plain numeric "
+                             "arrays") from None
+        raise
+    images = {k: _npz_images(arrays[k], f"{path}:{k}") for k in ("x_train", "x_test")}
+    labels = {}
+    for k in ("y_train", "y_test"):
+        y = arrays[k]
+        if y.dtype.kind not in "iu":
+            raise ValueError(f"{path}:{k} must hold integer class labels, got dtype {y.dtype}")
+        labels[k] = torch.as_tensor(y.astype("int64"))
+    check_labels(images["x_train"], labels["y_train"], f"{path}:x_train", f"{path}:y_train")
+    check_labels(images["x_test"], labels["y_test"], f"{path}:x_test", f"{path}:y_test")
+    if images["x_train"].shape[1:] != images["x_test"].shape[1:]:
+        raise ValueError(f"{path}: train images are {tuple(images['x_train'].shape[1:])} but test images "
+                         f"{tuple(images['x_test'].shape[1:])}")
+    num_classes = int(max(labels["y_train"].max(), labels["y_test"].max())) + 1
+    return _RawData(images["x_train"], labels["y_train"], images["x_test"], labels["y_test"], num_classes)
+
+
+def _npz_images(array, source: str) -> torch.Tensor:
+    """Images as float ``N x C x H x W`` in [0, 1] from ``N x H x W``, ``N x C x H x W`` or ``N x H x W x C``."""
+    if array.dtype.kind not in "uif":
+        raise ValueError(f"{source}: images must be numbers, got dtype {array.dtype}")
+    images = torch.as_tensor(array)
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    elif images.dim() == 4 and images.shape[1] not in (1, 3) and images.shape[3] in (1, 3):
+        images = images.permute(0, 3, 1, 2)
+    if images.dim() != 4 or images.shape[1] not in (1, 3) or images.shape[0] == 0:
+        raise ValueError(f"{source}: expected images N x H x W, N x C x H x W or N x H x W x C with C = 1 or 3, got "
+                         f"shape {tuple(array.shape)}")
+    if array.dtype.kind in "ui":
+        return images.float().div_(255.0).contiguous()
+    images = images.float().contiguous()
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError(f"{source}: images hold NaN or infinite values")
+    return images
 
 
 _LOADERS: Dict[str, Callable[[Optional[PathLike]], _RawData]] = {

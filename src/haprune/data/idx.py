@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from typing import Tuple
 
 import torch
@@ -27,7 +28,11 @@ def read_idx(path: PathLike) -> torch.Tensor:
     with open(path, "rb") as handle:
         raw = handle.read()
     if raw[:2] == _GZIP_MAGIC:
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as e:  # truncated (EOFError), garbage (BadGzipFile is an OSError)
+            raise IDXFormatError(f"{path}: the gzip data is truncated or corrupt ({type(e).__name__}: {e}); "
+                                 "download or copy the file again") from None
     return parse_idx(raw, source=str(path))
 
 
