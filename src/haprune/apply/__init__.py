@@ -26,9 +26,14 @@ import torch.nn as nn
 from ..graph import Group, StructureSet, _forward, _output_shapes, build_dependency_graph, build_structures
 from ..plan import Plan
 from ..recover import batchnorm_stats_restored, reestimate_batchnorm
+from .compensate import COMPENSATE_MODES, CompensationError, CompensationResult, compensate
 from .implant import IMPLANT_INITS, ImplantConv2d, LstsqAccumulator, make_implant, merge_implants, set_implant_weight
+from .regression import UndeterminedFitError
 
-__all__ = ["apply_plan", "merge_implants", "ImplantConv2d", "IMPLANT_INITS", "PlanMismatchError"]
+_compensate = compensate  # apply_plan's own argument is called ``compensate``
+
+__all__ = ["apply_plan", "merge_implants", "ImplantConv2d", "IMPLANT_INITS", "PlanMismatchError", "compensate",
+           "COMPENSATE_MODES", "CompensationResult", "CompensationError", "UndeterminedFitError", "channel_maps"]
 
 
 class PlanMismatchError(ValueError):
@@ -43,6 +48,8 @@ def apply_plan(
     structures: StructureSet | None = None,
     implant_init: str = "zeros",
     calibration: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    compensate: str | bool | None = None,
+    compensate_options: dict[str, Any] | None = None,
     inplace: bool = False,
 ) -> nn.Module:
     """Return the pruned (and implanted) model described by ``plan``.
@@ -54,19 +61,39 @@ def apply_plan(
             ``calibration`` by least squares, then, per implanted layer, keep the fit or fall back to zero, whichever
             makes the outputs on ``calibration`` (with BatchNorm statistics re-estimated there, as after pruning)
             more similar to the original model's; never worse than ``zeros`` by that measure.
-        calibration: (inputs, targets) batches; needed for ``lstsq`` (iterated twice, so it is kept in memory).
+        calibration: (inputs, targets) batches; needed for ``lstsq`` and ``compensate`` (kept in memory).
+        compensate: refit the pruned layers to reproduce the original layers on ``calibration`` (see
+            :func:`haprune.apply.compensate`): ``True`` or ``"sequential"``, ``"dense-inputs"``; None / False: off.
+            Under compensation the implants are fit by least squares on the compensated inputs (whatever
+            ``implant_init``) and the consumer layers use them as regressors. The result (layers, errors, time) is
+            recorded on the returned model as the dict attribute ``haprune_compensation``.
+        compensate_options: passed to :func:`compensate` (``ridge``, ``layers``, ``progress``, ``chunk_rows``).
         inplace: modify ``model`` itself (only after the surgery succeeded on a copy).
     """
     if implant_init not in IMPLANT_INITS:
         raise ValueError(f"implant_init must be one of {IMPLANT_INITS}, got {implant_init!r}")
     if implant_init == "lstsq" and calibration is None and any(g.implant for g in plan.groups.values()):
         raise ValueError("implant_init='lstsq' needs calibration batches (inputs the model accepts)")
+    mode = _compensate_mode(compensate)
+    if mode is not None:
+        if calibration is None:
+            raise ValueError(f"compensate={compensate!r} needs calibration batches (inputs the model accepts), "
+                             f"e.g. calibration=[(x, y), ...]")
+        calibration = list(calibration)
+        if not calibration:
+            raise CompensationError("compensate needs calibration data: the calibration batches are empty")
+    for name, gp in plan.groups.items():
+        if mode is None and implant_init == "zeros" and gp.implant and not gp.keep:
+            raise PlanMismatchError(
+                f"group {name!r} keeps no channel, only {len(gp.implant)} zero-initialised implants: its output "
+                f"would be constant until fine-tuning; keep a channel there, or use implant_init='lstsq' or "
+                f"compensate=True (which fit the implants)")
     work = copy.deepcopy(model)
     modes = {name: m.training for name, m in work.named_modules()}
     work.eval()
     with torch.no_grad():
         ref_shapes = _output_shapes(_forward(work, example_inputs))
-    fit = implant_init == "lstsq" and any(g.implant for g in plan.groups.values())
+    fit = implant_init == "lstsq" and mode is None and any(g.implant for g in plan.groups.values())
     if fit:
         calibration = list(calibration)
         reference = _outputs(work, calibration)  # the original model's outputs, for the per-layer choice
@@ -74,6 +101,7 @@ def apply_plan(
         structures = build_structures(work, example_inputs, ignored_layers=[], check_surgery=False)
     groups = _match(plan, structures)
 
+    kept_in, kept_out = channel_maps(work, groups) if mode is not None else ({}, {})
     for g, gp in groups:
         if gp.implant:
             _permute_group(work, g, gp.keep + gp.implant + gp.remove)
@@ -99,6 +127,10 @@ def apply_plan(
         _set_submodule(work, name, new)
     if fits:
         _select_implants(work, list(fits), calibration, reference)
+    if mode is not None:
+        result = _compensate(model, work, calibration, mode=mode, kept_inputs=kept_in, kept_outputs=kept_out,
+                            **(compensate_options or {}))
+        work.haprune_compensation = result.to_dict()
 
     with torch.no_grad():
         shapes = _output_shapes(_forward(work, example_inputs))
@@ -110,6 +142,52 @@ def apply_plan(
         model.__dict__.update(work.__dict__)
         return model
     return work
+
+
+def _compensate_mode(compensate: str | bool | None) -> str | None:
+    if compensate is None or compensate is False:
+        return None
+    if compensate is True:
+        return "sequential"
+    if compensate not in COMPENSATE_MODES:
+        raise ValueError(f"compensate must be True, False, None or one of {COMPENSATE_MODES}, got {compensate!r}")
+    return compensate
+
+
+def channel_maps(model: nn.Module, groups: list[tuple[Group, Any]]) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """For each Conv2d / Linear whose input (output) channels a plan changes: the original channel index of each
+    input (output) channel after surgery, in the pruned layer's order ([kept | implanted] for implanted groups).
+
+    ``model`` is the unpruned model; ``groups`` the (Group, GroupPlan) pairs of the plan. Returns (inputs, outputs),
+    the ``kept_inputs`` / ``kept_outputs`` of :func:`compensate`.
+    """
+    maps: dict[tuple[str, int], list[int]] = {}
+    deleted: dict[tuple[str, int], set[int]] = {}
+    for g, gp in groups:
+        if not gp.remove and not gp.implant:
+            continue
+        rank = {c: i for i, c in enumerate(list(gp.keep) + list(gp.implant))}
+        for s in g.param_slices:
+            mod, _, leaf = s.tensor.rpartition(".")
+            if leaf != "weight" or s.dim not in (0, 1):
+                continue
+            m = model.get_submodule(mod)
+            if not (isinstance(m, nn.Linear) or (type(m) is nn.Conv2d and m.groups == 1)):
+                continue
+            key = (mod, s.dim)
+            arr = maps.setdefault(key, list(range(m.weight.shape[s.dim])))
+            positions = sorted(s.idxs.tolist())
+            alive = sorted((rank[int(r)], int(i)) for i, r in zip(s.idxs.tolist(), s.root_idxs.tolist())
+                           if int(r) in rank)
+            for slot, (_, src) in zip(positions, alive):
+                arr[slot] = src
+            deleted.setdefault(key, set()).update(positions[len(alive):])
+    ins: dict[str, list[int]] = {}
+    outs: dict[str, list[int]] = {}
+    for (mod, dim), arr in maps.items():
+        gone = deleted.get((mod, dim), set())
+        (outs if dim == 0 else ins)[mod] = [arr[p] for p in range(len(arr)) if p not in gone]
+    return ins, outs
 
 
 def _match(plan: Plan, structures: StructureSet) -> list[tuple[Group, Any]]:
