@@ -36,7 +36,7 @@ import torch.nn as nn
 
 from ._fileio import atomic_write_text
 from .graph import StructureSet, _forward, channel_widths, eval_mode, forward_with_hooks
-from .report import num_threads
+from .threads import num_threads
 
 __all__ = ["LayerTimes", "LatencyTable", "measure_latency_table", "wall_clock", "layer_widths"]
 

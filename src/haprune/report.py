@@ -13,17 +13,17 @@ import math
 import os
 import platform
 import time
-from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from ._fileio import atomic_write_json
-from .graph import _forward, eval_mode, forward_with_hooks
-from .plan import Plan
+from .graph import _forward, eval_mode
+from .plan import Plan, batch_size, layer_macs, module_macs
+from .threads import num_threads  # re-exported: callers import it from here
 
 if TYPE_CHECKING:
     from .estimate import Sensitivity
@@ -56,43 +56,20 @@ def count_params(model: nn.Module) -> int:
 def count_flops(model: nn.Module, example_inputs: Any) -> int:
     """Multiply-accumulates of all Conv and Linear layers for ONE sample of ``example_inputs``.
 
-    Measured with forward hooks, so it counts what actually runs: every ``nn.Conv*d`` (grouped and depthwise
+    Measured with forward hooks (:func:`haprune.plan.module_macs`, the counter the planner's
+    :class:`~haprune.plan.CostModel` uses too), so it counts what actually runs: every ``nn.Conv*d`` (grouped and depthwise
     included: output elements x in_channels / groups x kernel area; transposed: input elements x weights per
     input channel), and every ``nn.Linear`` (output elements x in_features), including the convs inside an
     ImplantConv2d; a layer called twice counts twice. Element-wise ops, norms and pooling are not counted (the
     pruning literature's convention, and :class:`~haprune.plan.CostModel`'s). The batch size is the first
     dimension of the first input tensor. The model runs once in eval mode; its mode is restored.
     """
-    total = 0
-
-    def hook(module: nn.Module, inputs: tuple[Any, ...], output: torch.Tensor) -> None:
-        nonlocal total
-        total += _macs(module, inputs[0], output)
-
-    forward_with_hooks(model, example_inputs, {m: hook for m in model.modules()
-                                               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))})
-    batch = _batch_size(example_inputs)
-    return total // batch
+    return sum(module_macs(model, example_inputs).values()) // batch_size(example_inputs)
 
 
-def _macs(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    """Multiply-accumulates of one call of a Conv or Linear layer, for the whole batch."""
-    if isinstance(module, nn.Linear):
-        return y.numel() * module.in_features
-    kernel = math.prod(module.kernel_size)
-    if module.transposed:  # every input element meets out_channels / groups x kernel weights
-        return x.numel() * (module.out_channels // module.groups) * kernel
-    return y.numel() * (module.in_channels // module.groups) * kernel
-
-
-def _batch_size(example_inputs: Any) -> int:
-    """The leading dimension of the first tensor in ``example_inputs`` (a tensor, or a tuple / dict of them)."""
-    values = example_inputs.values() if isinstance(example_inputs, Mapping) else example_inputs
-    first = values if isinstance(values, torch.Tensor) else next(
-        (t for t in values if isinstance(t, torch.Tensor)), None)
-    if first is None or first.dim() == 0:
-        raise ValueError("example_inputs must hold a batched tensor (batch first) to count FLOPs per sample")
-    return int(first.shape[0])
+# the counting rules live with the cost model (haprune.plan), so that planner and report count alike
+_macs = layer_macs
+_batch_size = batch_size
 
 
 def model_costs(model: nn.Module, example_inputs: Any) -> dict[str, int]:
@@ -127,20 +104,6 @@ def measure_latency(models: Mapping[str, nn.Module], example_input: Any, *, thre
                 if r >= warmup:
                     times[name].append(elapsed)
     return {n: _summary_ms(times[n]) for n in names}
-
-
-@contextmanager
-def num_threads(threads: int | None) -> Iterator[None]:
-    """Run the block with ``torch.set_num_threads(threads)`` (unchanged when None), then restore the old value."""
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads must be a positive number of CPU threads, got {threads}")
-    previous = torch.get_num_threads()
-    try:
-        if threads is not None:
-            torch.set_num_threads(threads)
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _synchronizer(example_input: Any) -> Callable[[], None]:
