@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..estimate.obs import patches
 from ..graph import eval_mode, model_device
 from .implant import ImplantConv2d
 from .regression import RidgeRegression, UndeterminedFitError
@@ -114,22 +115,21 @@ def _kernel(m: nn.Module) -> tuple[int, int]:
 
 
 def _rows(m: nn.Module, x: torch.Tensor, channels: torch.Tensor | None = None) -> torch.Tensor:
-    """The regressors of layer ``m`` for input ``x``: (rows, columns); a conv's input unfolded into patches."""
+    """The regressors of layer ``m`` for input ``x``: (rows, columns), float64; a conv's input unfolded into its
+    patches (columns ordered channel, kernel row, kernel column, as ``weight.reshape(out, -1)``)."""
     if channels is not None:
         x = x.index_select(1 if not isinstance(m, nn.Linear) else x.dim() - 1, channels.to(x.device))
     if isinstance(m, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
-    g = _geometry(m)
-    cols = F.unfold(x, g.kernel_size, dilation=g.dilation, padding=g.padding, stride=g.stride)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+        return x.reshape(-1, x.shape[-1]).to("cpu", torch.float64)
+    return patches(x, _geometry(m))
 
 
 def _targets(m: nn.Module, y: torch.Tensor, outputs: torch.Tensor | None) -> torch.Tensor:
     if outputs is not None:
         y = y.index_select(y.dim() - 1 if isinstance(m, nn.Linear) else 1, outputs.to(y.device))
     if isinstance(m, nn.Linear):
-        return y.reshape(-1, y.shape[-1])
-    return y.permute(0, 2, 3, 1).reshape(-1, y.shape[1])
+        return y.reshape(-1, y.shape[-1]).to("cpu", torch.float64)
+    return y.permute(0, 2, 3, 1).to("cpu", torch.float64).reshape(-1, y.shape[1])
 
 
 def _centre_columns(m: ImplantConv2d, channels: int) -> torch.Tensor:
