@@ -1,6 +1,7 @@
 """benchmarks/sweep.py: one run on a tiny synthetic setting writes a complete JSON, and a rerun skips it."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 
@@ -17,7 +18,7 @@ def _tiny_data() -> DatasetSplits:
     def split(n: int) -> ImageDataset:
         return ImageDataset(torch.randn(n, 1, 8, 8, generator=gen), torch.randint(0, 10, (n,), generator=gen))
 
-    return DatasetSplits(name="tiny", train=split(64), val=split(32), test=split(32), num_classes=10,
+    return DatasetSplits(name="tiny", train=split(160), val=split(32), test=split(32), num_classes=10,
                          in_channels=1, image_size=8, mean=(0.0,), std=(1.0,))
 
 
@@ -70,3 +71,132 @@ def test_latency_pass_rebuilds_each_runs_widths_and_fills_latency_once(tmp_path)
         assert lat["speedup"] > 0 and lat["batch"] == 2 and lat["dense_ms"] > 0
     assert sweep.measure_latencies(ctx, tmp_path / "results", batch=2, threads=1, repeats=2) == 0
     assert "CPU speed-up" in sweep.tables(tmp_path / "results")
+
+
+def _ctx(sweep, tmp_path, **preset_changes):
+    torch.manual_seed(0)
+    dense = create_model("resnet20", in_channels=1, num_classes=10).eval()
+    changes = dict(name="tiny", epochs=0, eval_limit=None, calib_batches=2, calib_batch_size=8)
+    preset = dataclasses.replace(sweep.PRESETS["smoke"], **{**changes, **preset_changes})
+    return sweep.SweepContext(_tiny_data(), lambda name: dense, preset, results_dir=tmp_path / "results",
+                              runs_dir=tmp_path / "runs")
+
+
+def test_calibration_is_a_per_seed_random_draw_from_the_whole_training_split(tmp_path):
+    sweep = load_benchmark("sweep")
+    ctx = _ctx(sweep, tmp_path)
+    images, labels = ctx.data.train.tensors
+    draws = {}
+    for seed in range(6):
+        idx = ctx.calibration_indices(seed)
+        assert len(idx) == 16 and len(set(idx.tolist())) == 16 and 0 <= int(idx.min()) and int(idx.max()) < 160
+        batches = ctx.calibration(seed)
+        assert [len(x) for x, _ in batches] == [8, 8]
+        assert torch.equal(torch.cat([x for x, _ in batches]), images[idx])  # the drawn images, in that order
+        assert torch.equal(torch.cat([y for _, y in batches]), labels[idx])
+        assert ctx.calibration(seed) is batches  # one draw per seed, shared by every criterion of that seed
+        draws[seed] = frozenset(idx.tolist())
+    assert len(set(draws.values())) == 6  # another seed, another draw
+    assert draws[0] != frozenset(range(16))  # not the first images of the split
+    assert len(frozenset().union(*draws.values())) > 60  # across seeds the draws reach far into the split
+    # the same draw in a fresh context (resume in another process), recorded with the protocol
+    again = _ctx(sweep, tmp_path)
+    assert torch.equal(again.calibration_indices(3), ctx.calibration_indices(3))
+    rec = ctx.calibration_record(3)
+    assert rec["protocol"] == sweep.CALIBRATION_PROTOCOL and rec["first_indices"] == ctx.calibration_indices(3)[:8].tolist()
+    assert rec != ctx.calibration_record(4)
+
+
+def test_finetune_key_changes_with_everything_that_determines_the_weights():
+    sweep = load_benchmark("sweep")
+    torch.manual_seed(0)
+    model = create_model("resnet20", in_channels=1, num_classes=10).eval()
+    plan = {"conv1": [16, [0, 3], []]}
+    spec = {"implant_init": "zeros", "compensate": None}
+    config = {"epochs": 2, "lr": 0.01, "seed": 0}
+    key = sweep.finetune_key("resnet20", plan, spec, config, None, model)
+    assert key == sweep.finetune_key("resnet20", json.loads(json.dumps(plan)), dict(spec), dict(config), None,
+                                     copy.deepcopy(model))  # a value, not an identity: resumes in another process
+    changed = [
+        sweep.finetune_key("resnet56", plan, spec, config, None, model),
+        sweep.finetune_key("resnet20", {"conv1": [16, [0, 4], []]}, spec, config, None, model),  # other channels
+        sweep.finetune_key("resnet20", plan, {**spec, "implant_init": "lstsq"}, config, None, model),
+        sweep.finetune_key("resnet20", plan, {**spec, "compensate": "sequential"}, config, None, model),
+        sweep.finetune_key("resnet20", plan, spec, {**config, "seed": 1}, None, model),
+        sweep.finetune_key("resnet20", plan, spec, config, 1000, model),
+    ]
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.conv1.weight[0, 0, 0, 0] += 1e-6  # the same plan from another init: other starting weights
+    changed.append(sweep.finetune_key("resnet20", plan, spec, config, None, other))
+    bn = copy.deepcopy(model)
+    bn.bn1.running_mean += 1e-3  # buffers count too (BatchNorm re-estimation)
+    changed.append(sweep.finetune_key("resnet20", plan, spec, config, None, bn))
+    assert len({key, *changed}) == len(changed) + 1
+
+
+def test_comp_rows_share_the_plan_and_checkpoints_are_keyed_by_weights_not_run_id(tmp_path):
+    sweep = load_benchmark("sweep")
+    assert sweep.CRITERIA["l2+comp"] == {**sweep.CRITERIA["l2"], "compensate": sweep.COMPENSATE_MODE,
+                                         "reestimate_bn": sweep.REESTIMATE_BN_AFTER_COMPENSATION}
+    assert sweep.base_criterion("hap+ni-lstsq+comp") == "hap+ni-lstsq" and sweep.is_hap("hap-exact-obd+comp")
+    # 8 x 8 images leave 2 x 2 positions in the last stage: 128 images give 512 rows >= its 352 regressors
+    ctx = _ctx(sweep, tmp_path, epochs=1, batch_size=16, max_batches_per_epoch=1, calib_batches=4, calib_batch_size=32)
+    plain = sweep.run_one(ctx, "resnet20", "l2", "params", 0.5, 1)
+    comp = sweep.run_one(ctx, "resnet20", "l2+comp", "params", 0.5, 1)
+    # the same plan (same criterion, calibration and target): compensation changes weights, never shapes
+    assert comp["details"]["plan_widths"] == plain["details"]["plan_widths"]
+    assert comp["params"] == plain["params"] and comp["flops"] == plain["flops"]
+    assert plain["details"]["compensation"] is None
+    summary = comp["details"]["compensation"]
+    assert summary["mode"] == "sequential" and summary["layers"] > 0 and summary["samples"] == 128
+    assert summary["mean_error_after"] <= summary["mean_error_before"]
+    assert comp["calibration"] == plain["calibration"] and comp["calibration"]["seed"] == 1
+    assert plain["accuracy"]["oneshot_before_bn_reestimate"] is None
+    assert 0 <= comp["accuracy"]["oneshot_before_bn_reestimate"] <= 1
+    keys = {r["finetune"]["checkpoint_key"] for r in (plain, comp)}
+    assert len(keys) == 2
+    dirs = sorted(p.name for p in (tmp_path / "runs" / "tiny" / "resnet20").iterdir())
+    assert dirs == sorted(f"ft-{k}" for k in keys)  # one directory per starting point, no run id in it
+    for r in (plain, comp):
+        assert "_plan_desc" not in r["details"]
+
+
+def test_flops_target(tmp_path):
+    sweep = load_benchmark("sweep")
+    assert ("flops", 0.5) in sweep.PRESETS["cpu"].targets and sweep.parse_target("flops:0.5") == ("flops", 0.5)
+    ctx = _ctx(sweep, tmp_path)
+    record = sweep.run_one(ctx, "resnet20", "l2", "flops", 0.5, 0)
+    assert record["run_id"] == "tiny__l2__f50__s0"
+    assert abs(record["flops"]["removed"] - 0.5) <= 0.02 and record["params"]["removed"] != record["flops"]["removed"]
+
+
+def test_latency_only_on_a_quiet_machine(tmp_path):
+    sweep = load_benchmark("sweep")
+    ctx = _ctx(sweep, tmp_path)
+    sweep.run_one(ctx, "resnet20", "l2", "params", 0.5, 0)
+    path = tmp_path / "results" / "resnet20" / "tiny__l2__p50__s0.json"
+    waits = []
+    kw = dict(batch=2, threads=1, repeats=2, max_load=1.0, max_wait_s=10, sleep=waits.append)
+    # busy throughout: waits (bounded), times nothing, writes nothing
+    assert sweep.measure_latencies(ctx, tmp_path / "results", loadavg=lambda: 3.0, **kw) == 0
+    assert waits == [5.0, 5.0] and "latency" not in json.loads(path.read_text())
+    # quiet before, but load arrived during the timing: kept apart, flagged, never shown as a speed-up
+    loads = iter([0.2, 4.5])
+    assert sweep.measure_latencies(ctx, tmp_path / "results", loadavg=lambda: next(loads), **kw) == 0
+    r = json.loads(path.read_text())
+    assert "latency" not in r and r["latency_under_load"]["load_avg_1m_after"] == 4.5
+    assert "timed under load, omitted" in sweep._speedup([r]) and sweep._speedup([r]).startswith("-")
+    # quiet: timed, load and dense time recorded
+    assert sweep.measure_latencies(ctx, tmp_path / "results", loadavg=lambda: 0.3, **kw) == 1
+    lat = json.loads(path.read_text())["latency"]
+    assert lat["load_avg_1m_before"] == 0.3 and lat["dense_ms"] > 0 and lat["speedup"] > 0
+    assert sweep._speedup([json.loads(path.read_text())]).startswith(f"{lat['speedup']:.2f}x (n=1, dense")
+
+
+def test_obs_row(tmp_path):
+    sweep = load_benchmark("sweep")
+    ctx = _ctx(sweep, tmp_path, calib_batches=4, calib_batch_size=32)
+    record = sweep.run_one(ctx, "resnet20", "obs", "params", 0.5, 0)
+    assert record["details"]["resolved_criterion"] == "obs" and abs(record["params"]["removed"] - 0.5) <= 0.01
+    assert record["sensitivity_seconds"] > 0 and sweep.CRITERIA["obs+comp"]["compensate"] == sweep.COMPENSATE_MODE

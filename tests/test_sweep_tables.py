@@ -13,28 +13,28 @@ from benchmarks_loader import load_benchmark
 NS = "{http://www.w3.org/2000/svg}"
 DENSE = 0.90
 
-
-
-
 sweep = load_benchmark("sweep")
 
 # (criterion, budget, target) -> fine-tuned accuracy per seed
 FINETUNED = {
-    ("hap+ni-lstsq", "params", 0.5): [0.899, 0.898, 0.900],  # -0.10 ± 0.10 pp: goal (a) met
-    ("l1", "params", 0.5): [0.880, 0.882, 0.884],            # margin +1.70 > spread 0.20: goal (b) met
-    ("hap+ni-lstsq", "params", 0.7): [0.888, 0.892],         # -1.00 ± 0.28 pp: goal (a) not met
-    ("l1", "params", 0.7): [0.889, 0.887],                   # margin +0.20 < spread 0.28: goal (b) not met
-    ("hap+ni-lstsq", "flops", 0.5): [0.900],                 # margin +5.00 with n=1: not enough seeds
-    ("l1", "flops", 0.5): [0.850],
+    ("hap", "params", 0.5): [0.895, 0.896, 0.894],
+    ("hap+comp", "params", 0.5): [0.899, 0.898, 0.900],      # best HAP row: -0.10 ± 0.10 pp vs dense: goal 1 met
+    ("l2", "params", 0.5): [0.880, 0.882, 0.884],            # best HAP - l2 = 1.9, 1.6, 1.6: interval > 0
+    ("l2+comp", "params", 0.5): [0.897, 0.899, 0.893],       # best HAP - l2+comp = 0.2, -0.1, 0.7: contains 0
+    ("hap+comp", "params", 0.7): [0.888, 0.892],             # -1.00 ± 0.28 pp: goal 1 not met
+    ("l2", "params", 0.7): [0.889, 0.887],
+    ("hap+comp", "flops", 0.5): [0.900, 0.895, 0.897],       # minus l2+comp = 0.2, -0.1, -0.2: goal 3 not met
+    ("l2+comp", "flops", 0.5): [0.898, 0.896, 0.899],
 }
-# plan widths of hap+ni-lstsq at 50% params: seed 0 has none (an old record), seeds 1 and 2 do
+WIDTH_ROW = ("hap+comp", "params", 0.5)
+# plan widths of hap+comp at 50% params: seed 0 has none, seeds 1 and 2 do
 WIDTHS = {1: {"model.layer2.0.shortcut.0": [32, 10, 2], "model.conv1": [16, 4, 1],
               "model.layer1.10.conv1": [16, 8, 0], "model.layer1.2.conv1": [16, 0, 0]},
           2: {"model.conv1": [16, 2, 0], "model.layer1.2.conv1": [16, 2, 0]}}
 
 
 def _record(criterion: str, budget: str, target: float, seed: int, finetuned: float) -> dict:
-    widths = WIDTHS.get(seed) if (criterion, budget, target) == ("hap+ni-lstsq", "params", 0.5) else None
+    widths = WIDTHS.get(seed) if (criterion, budget, target) == WIDTH_ROW else None
     other = target - 0.2  # the budget not targeted moves less
     removed = {"params": target, "flops": other} if budget == "params" else {"params": other, "flops": target}
     return {
@@ -46,7 +46,9 @@ def _record(criterion: str, budget: str, target: float, seed: int, finetuned: fl
         "flops": {"before": 5000, "after": round(5000 * (1 - removed["flops"])), "removed": removed["flops"]},
         "accuracy": {"dense": DENSE, "oneshot": finetuned - 0.1, "finetuned": finetuned, "eval_images": 100},
         "sensitivity_seconds": 1.5,
-        "details": {} if widths is None else {"plan_widths": widths},
+        "calibration": {"protocol": sweep.CALIBRATION_PROTOCOL, "seed": seed},
+        "details": {**({} if widths is None else {"plan_widths": widths}),
+                    **({"apply_seconds": 1.0 + seed} if criterion.endswith("+comp") else {})},
     }
 
 
@@ -55,7 +57,7 @@ def _write_records(results: Path, drop_widths: bool = False) -> Path:
         for seed, acc in enumerate(accs):
             record = _record(criterion, budget, target, seed, acc)
             if drop_widths:
-                record["details"] = {}
+                record["details"].pop("plan_widths", None)
             path = results / "resnet20" / f"{sweep.run_id('tiny', criterion, budget, target, seed)}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(record))
@@ -95,20 +97,32 @@ def test_table_values(written):
     p50 = _section(text, "resnet20, p50")
     assert "fine-tuned change vs dense (pp)" in p50
     header = _row(p50, "criterion")
-    lstsq = dict(zip(header, _row(p50, "hap+ni-lstsq")))
-    assert lstsq["fine-tuned acc %"] == "89.90 ± 0.10 (n=3)"
-    assert lstsq["one-shot acc %"] == "79.90 ± 0.10 (n=3)"
-    assert lstsq["fine-tuned change vs dense (pp)"] == "-0.10 ± 0.10"
-    assert lstsq["params removed %"] == "50.00" and lstsq["FLOPs removed %"] == "30.00"
-    l1 = dict(zip(header, _row(p50, "l1")))
-    assert l1["fine-tuned acc %"] == "88.20 ± 0.20 (n=3)" and l1["fine-tuned change vs dense (pp)"] == "-1.80 ± 0.20"
+    comp = dict(zip(header, _row(p50, "hap+comp")))
+    assert comp["fine-tuned acc %"] == "89.90 ± 0.10 (n=3)"
+    assert comp["one-shot acc %"] == "79.90 ± 0.10 (n=3)"
+    assert comp["fine-tuned change vs dense (pp)"] == "-0.10 ± 0.10"
+    assert comp["params removed %"] == "50.00" and comp["FLOPs removed %"] == "30.00"
+    assert comp["surgery + compensation s"] == "2.00"  # mean of 1, 2, 3 s
+    l2 = dict(zip(header, _row(p50, "l2")))
+    assert l2["fine-tuned acc %"] == "88.20 ± 0.20 (n=3)" and l2["fine-tuned change vs dense (pp)"] == "-1.80 ± 0.20"
+    assert l2["surgery + compensation s"] == "-"  # not recorded
     p70 = _section(text, "resnet20, p70")
-    assert _row(p70, "hap+ni-lstsq")[5] == "-1.00 ± 0.28"
+    assert _row(p70, "hap+comp")[5] == "-1.00 ± 0.28"
     f50 = _section(text, "resnet20, f50")
-    assert _row(f50, "l1")[4:6] == ["85.00 (n=1)", "-5.00"]  # n = 1: no std
-    # criteria in CRITERIA order, tables with parameter targets first
+    assert _row(f50, "l2+comp")[4] == "89.77 ± 0.15 (n=3)"
+    # tables with parameter targets first; rows in CRITERIA order, each +comp row right after its plain row
     assert text.index("## resnet20, p50") < text.index("## resnet20, p70") < text.index("## resnet20, f50")
-    assert p50.index("| hap+ni-lstsq |") < p50.index("| l1 |")
+    assert p50.index("| hap |") < p50.index("| hap+comp |") < p50.index("| l2 |") < p50.index("| l2+comp |")
+
+
+def test_other_protocols_never_mixed_in(tmp_path):
+    results = _write_records(tmp_path)
+    legacy = _record("l2", "params", 0.5, 7, 0.10)  # first-512-images calibration: no protocol recorded
+    del legacy["calibration"]
+    (results / "resnet20" / "tiny__l2__p50__s7.json").write_text(json.dumps(legacy))
+    assert all(r["seed"] != 7 for r in sweep.load_records(results))
+    l2 = _row(_section(sweep.tables(results), "resnet20, p50"), "l2")
+    assert l2[4] == "88.20 ± 0.20 (n=3)"
 
 
 def test_plot_links_above_their_tables(written):
@@ -126,30 +140,73 @@ def test_plot_links_above_their_tables(written):
     assert "SVG" in text.split("\n## ")[0]
 
 
+def _interval(diffs: list[float]) -> tuple[float, float, float]:
+    """Mean and 95% t-interval of paired differences, from scipy (the exact reference)."""
+    stats = pytest.importorskip("scipy.stats")
+    mean = sum(diffs) / len(diffs)
+    low, high = stats.ttest_1samp(diffs, 0.0).confidence_interval(0.95)
+    return mean, low, high
+
+
+def _fmt(diffs: list[float]) -> str:
+    mean, low, high = _interval(diffs)
+    return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+
 def test_goal_verdicts(written):
     goals = _section((written / "README.md").read_text(encoding="utf-8"), "Goals: resnet20, budget `tiny`")
-    assert _row(goals, "50%", "hap+ni-lstsq") == ["50%", "hap+ni-lstsq", "3", "-0.10 ± 0.10", "≥ -0.3", "met"]
-    assert _row(goals, "70%", "hap+ni-lstsq") == ["70%", "hap+ni-lstsq", "2", "-1.00 ± 0.28", "≥ -0.8", "not met"]
-    assert _row(goals, "50%", "hap+ni-zeros")[-1] == "no runs yet"
-    assert _row(goals, "p50") == ["p50", "hap+ni-lstsq", "3", "89.90", "l1", "3", "88.20", "+1.70", "0.20", "met"]
-    assert _row(goals, "p70") == ["p70", "hap+ni-lstsq", "2", "89.00", "l1", "2", "88.80", "+0.20", "0.28",
-                                  "not met"]
-    assert _row(goals, "f50") == ["f50", "hap+ni-lstsq", "1", "90.00", "l1", "1", "85.00", "+5.00", "-",
-                                  "not enough seeds (n<2)"]
+    # goal 1: the best HAP row (hap+comp) against dense, every HAP row listed
+    assert _row(goals, "50%", "**hap+comp** (best)") == ["50%", "**hap+comp** (best)", "3",
+                                                          _fmt([-0.1, -0.2, 0.0]), "≥ -0.3", "met"]
+    assert _row(goals, "50%", "hap")[-1] == "(not the best HAP row)"
+    assert _row(goals, "70%", "**hap+comp** (best)") == ["70%", "**hap+comp** (best)", "2", _fmt([-1.2, -0.8]),
+                                                          "≥ -0.8", "not met"]
+    # goal 2: best HAP row minus every non-HAP row, paired by seed
+    assert _row(goals, "p50", "hap+comp", "l2") == ["p50", "hap+comp", "l2", "3", _fmt([1.9, 1.6, 1.6]), "met"]
+    assert _row(goals, "p50", "hap+comp", "l2+comp") == ["p50", "hap+comp", "l2+comp", "3", _fmt([0.2, -0.1, 0.7]),
+                                                         "not met"]
+    assert _row(goals, "p50", "**all of the above**")[-1] == "**not met**"
+    assert _row(goals, "p70", "hap+comp", "l2") == ["p70", "hap+comp", "l2", "2", _fmt([-0.1, 0.5]), "not met"]
+    # goal 3: hap+comp vs l2+comp at f50
+    assert _row(goals.split("**(3)")[1], "f50") == ["f50", "hap+comp", "l2+comp", "3", _fmt([0.2, -0.1, -0.2]),
+                                                    "not met (interval contains 0)"]
+
+
+def test_paired_difference_matches_scipy_and_pairs_by_seed():
+    def recs(accs: dict[int, float | None]) -> list[dict]:
+        return [{"seed": s, "accuracy": {"finetuned": a}} for s, a in accs.items()]
+
+    d = sweep.paired_difference(recs({0: 0.91, 1: 0.93, 2: 0.90, 5: 0.99}), recs({2: 0.89, 0: 0.90, 1: 0.925}))
+    mean, low, high = _interval([1.0, 0.5, 1.0])  # seed 5 has no partner; pairs are matched by seed, not order
+    assert d.seeds == (0, 1, 2) and d.n == 3
+    assert (d.mean, d.low, d.high) == pytest.approx((mean, low, high), abs=1e-9)
+    one = sweep.paired_difference(recs({0: 0.9}), recs({0: 0.8, 1: 0.7}))
+    assert one.n == 1 and one.low is None and one.mean == pytest.approx(10.0)
+    assert sweep.paired_difference(recs({0: None}), recs({0: 0.8})) is None  # not fine-tuned: no pair
+
+
+def test_t_quantile_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for df in list(range(1, 61)) + [75, 100, 250, 1000]:
+        assert sweep.t_quantile_975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=2e-5)
+    with pytest.raises(ValueError):
+        sweep.t_quantile_975(0)
 
 
 def test_line_plots(written):
-    # hap+ni-lstsq: (accuracy % at 70% params removed, at 50%); both points sit left to right in that order
+    # hap+comp: (accuracy % at 70% params removed, at 50%); both points sit left to right in that order
     for name, expected in (("acc_vs_params", (89.0, 89.9)), ("acc_vs_flops", (89.0, 89.9)),
                            ("oneshot_vs_params", (79.0, 79.9))):
         root = _svg(written / f"resnet20_tiny_{name}.svg")
         series = _by_class(root, "polyline", "series")
-        assert len(series) == 2  # one per criterion
-        assert [t.text for t in _by_class(root, "text", "legend")] == ["hap+ni-lstsq", "l1"]
-        assert len(_by_class(root, "circle", "marker")) == 4 and len(_by_class(root, "line", "errbar")) == 4
+        assert len(series) == 4  # one per criterion
+        legend = [t.text for t in _by_class(root, "text", "legend")]
+        assert legend == ["hap", "hap+comp", "l2", "l2+comp"]
+        assert len(_by_class(root, "circle", "marker")) == 6 and len(_by_class(root, "line", "errbar")) == 6
         (hline,) = _by_class(root, "line", "hline")
         assert [t.text for t in _by_class(root, "text", "hline-label")] == ["dense 90.00%"]
-        (x70, y70), (x50, y50) = [tuple(map(float, p.split(","))) for p in series[0].get("points").split()]
+        points = series[legend.index("hap+comp")].get("points").split()
+        (x70, y70), (x50, y50) = [tuple(map(float, p.split(","))) for p in points]
         assert x70 < x50
         # y pixel of an accuracy, from two y tick labels (drawn 4 px below their grid line)
         (a, ya), (b, yb) = sorted((float(t.text), float(t.get("y")) - 4) for t in _by_class(root, "text", "ytick"))[:2]
@@ -192,7 +249,7 @@ def test_width_plot_falls_back_to_hap(tmp_path):
     assert len(_by_class(root, "g", "bar")) == 2
     assert "hap plan" in _by_class(root, "text", "title")[0].text
     goals = _section((tmp_path / "README.md").read_text(encoding="utf-8"), "Goals")
-    assert _row(goals, "p50")[-1] == "no fine-tuned HAP+NI row"
+    assert _row(goals, "p50")[-1] == "no fine-tuned other row yet"
 
 
 def test_no_records(tmp_path):
