@@ -471,8 +471,10 @@ class ViT(nn.Module):
 # ---------------------------------------------------------------- channel shuffle (ShuffleNetV2)
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
-    b, c, h, w = x.shape
-    return x.view(b, groups, c // groups, h, w).transpose(1, 2).reshape(b, c, h, w)
+    b, c, h, w = x.shape  # torchvision's code
+    x = x.view(b, groups, c // groups, h, w)
+    x = torch.transpose(x, 1, 2).contiguous()
+    return x.view(b, -1, h, w)
 
 
 class ShuffleUnit(nn.Module):
@@ -621,7 +623,7 @@ _ENTRIES = [
     ZooModel("swin", "window attention, windows folded into the batch dimension (Swin)",
              lambda: Swin(16, (2, 2), (2, 4), window=4, patch=4)),
     ZooModel("vit", "plain ViT blocks, class token and position embedding", lambda: ViT(16, 2, 2, patch=8)),
-    ZooModel("shufflenet", "channel shuffle (ShuffleNetV2)", lambda: ShuffleNetV2((16, 32), (2, 2)),
+    ZooModel("shufflenet", "channel shuffle (ShuffleNetV2)", lambda: ShuffleNetV2((16, 32), (3, 2)),
              refusal="channel shuffle"),
 ]
 HAND_BUILT = [e.name for e in _ENTRIES]
