@@ -39,14 +39,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from haprune._fileio import atomic_write_json  # noqa: E402
-from haprune.hf import (TextClassifier, TextFinetuneConfig, evaluate_text, finetune_text, from_pretrained,  # noqa: E402
-                        minilm_path, plan_transformer, prune_transformer, rotten_tomatoes, save_pretrained,
+from haprune.hf import (TextClassifier, TextFinetuneConfig, compensate_transformer, evaluate_text,  # noqa: E402
+                        finetune_text, from_pretrained, minilm_path, plan_transformer, prune_transformer, rotten_tomatoes, save_pretrained,
                         text_batches, tokenize, transformer_structures, unit_importance)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results" / "heads_minilm"
 RUNS = ROOT / "runs" / "heads_minilm"
-CRITERIA = ("hap", "hap+implant", "hap-ggn", "michel", "magnitude", "random")
+BASE_CRITERIA = ("hap", "hap+implant", "hap-ggn", "michel", "magnitude", "random", "obs", "hap-obs")
+COMPENSATED = ("hap", "hap-obs", "obs", "michel", "hap+implant")  # each also run with "+comp"
+CRITERIA = BASE_CRITERIA + tuple(f"{c}+comp" for c in COMPENSATED)
+PRIORITY = ("hap-obs+comp", "michel", "michel+comp", "hap+comp", "hap", "obs+comp", "hap-obs")  # run first
 TARGETS = (0.6, 0.2, 0.4, 0.8)  # 60% first: the table the issue asks for
 IMPLANT_RATIO = 0.2
 IMPLANT_RANK = 8  # head_dim 32 / 4
@@ -64,14 +67,27 @@ def load_split(seed: int, max_length: int):
     return {k: tokenize(tok, *v, max_length=max_length) for k, v in parts.items()}
 
 
+def dense_key(seed: int, args) -> str:
+    """Everything that determines a dense fine-tuned model: seed (split, head init, batch order), steps, lr,
+    sequence length, the base model and the torch / transformers versions. A short hash names its folder."""
+    import hashlib
+
+    import transformers
+
+    what = {"seed": seed, "steps": args.dense_steps, "lr": args.dense_lr, "max_length": args.max_length,
+            "base": Path(minilm_path()).name, "torch": torch.__version__, "transformers": transformers.__version__,
+            "smoke": bool(args.smoke)}
+    return f"s{seed}-" + hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def dense_model(seed: int, data, args, out: Path) -> tuple[TextClassifier, dict]:
     from transformers import AutoModelForSequenceClassification
 
-    folder, meta_path = out / f"dense-s{seed}", out / f"dense-s{seed}.json"
+    key = dense_key(seed, args)
+    folder, meta_path = out / f"dense-{key}", out / f"dense-{key}.json"
     if meta_path.is_file() and folder.is_dir():
         meta = json.loads(meta_path.read_text())
-        if meta.get("steps") == args.dense_steps:
-            return TextClassifier(from_pretrained(folder, attn_implementation="eager")), meta
+        return TextClassifier(from_pretrained(folder, attn_implementation="eager")).eval(), meta
     torch.manual_seed(seed)
     hf = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2, attn_implementation="eager")
     net = TextClassifier(hf)
@@ -80,22 +96,38 @@ def dense_model(seed: int, data, args, out: Path) -> tuple[TextClassifier, dict]
                        progress=False)
     acc = evaluate_text(net, data["test"])["accuracy"]
     save_pretrained(net, folder)
-    meta = {"seed": seed, "steps": args.dense_steps, "lr": args.dense_lr, "test_accuracy": acc,
-            "seconds": round(ft["seconds"], 1)}
+    meta = {"seed": seed, "steps": args.dense_steps, "lr": args.dense_lr, "max_length": args.max_length,
+            "key": key, "test_accuracy": acc, "seconds": round(ft["seconds"], 1)}
     atomic_write_json(meta_path, meta)
     log(f"seed {seed}: dense test accuracy {acc:.4f} ({ft['seconds']:.0f} s)")
     return net.eval(), meta
 
 
-def scores_for(net, structures, calib, criterion: str, seed: int, args, cache: dict) -> tuple[torch.Tensor, dict]:
-    key = "hap" if criterion in ("hap", "hap+implant") else criterion
+def score_key(criterion: str) -> str:
+    base = criterion.removesuffix("+comp")
+    return "hap" if base in ("hap", "hap+implant") else base
+
+
+def scores_for(net, structures, calib, criterion: str, seed: int, args, cache: dict, dense_meta: dict
+               ) -> tuple[torch.Tensor, dict]:
+    """A criterion's head scores on this seed's dense model, cached in memory and under runs/ (keyed by the dense
+    model, the calibration batches and the estimator's settings)."""
+    key = score_key(criterion)
     if key in cache:
+        return cache[key]
+    path = RUNS / "scores" / f"{dense_meta.get('key', seed)}-{key}-c{args.calib_batches}-p{args.probes}.pt"
+    if path.is_file():
+        cache[key] = tuple(torch.load(path, weights_only=False))
         return cache[key]
     start = time.perf_counter()
     sens = unit_importance(net, structures, calib, key, seed=seed, probes=args.probes)
     info = {"seconds": round(time.perf_counter() - start, 1), **{k: v for k, v in sens.info.items()
                                                                  if isinstance(v, (int, float, str, bool))}}
     cache[key] = (sens.scores, info)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save([sens.scores, info], tmp)
+    os.replace(tmp, path)
     return cache[key]
 
 
@@ -134,30 +166,49 @@ def diagnose(seeds: list[int], args, results: Path, out: Path) -> dict:
 
 
 def run_one(net, dense_meta, data, calib, structures, criterion, target, seed, args, cache, path: Path) -> dict:
-    scores, est_info = scores_for(net, structures, calib, criterion, seed, args, cache)
-    implant = criterion == "hap+implant"
+    """One pruned model: plan, prune (+ compensation), one-shot accuracy; then, unless ``--oneshot-only``, the
+    short fine-tune. A record with the one-shot part only is completed (not recomputed) by a later run."""
+    row: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    want_ft = not args.oneshot_only
+    if row and ("accuracy_finetuned" in row or not want_ft):
+        return row
+    scores, est_info = scores_for(net, structures, calib, criterion, seed, args, cache, dense_meta)
+    implant = criterion.startswith("hap+implant")
+    comp = criterion.endswith("+comp")
     plan = plan_transformer(net, structures, scores, target, budget="units",
                             implant_ratio=IMPLANT_RATIO if implant else 0.0, implant_rank=IMPLANT_RANK)
+    t = time.perf_counter()
     pruned = prune_transformer(net, plan)
+    comp_info = None
+    if comp:
+        rep = compensate_transformer(net, pruned, calib, ridge=args.ridge)
+        comp_info = {"ridge": args.ridge, "seconds": round(time.perf_counter() - t, 1),
+                     "layers": len(rep), "rows": max(r["rows"] for r in rep.values()),
+                     "sse_before": sum(r["sse_before"] for r in rep.values()),
+                     "sse_after": sum(r["sse_after"] for r in rep.values())}
     attn_params = lambda m: sum(p.numel() for n, p in m.named_parameters()  # noqa: E731
                                 if ".attention.self." in n or ".attention.output.dense" in n)
-    row: dict[str, Any] = {
-        "seed": seed, "criterion": criterion, "target": target, "counts": plan.counts(),
-        "units_removed_fraction": plan.achieved["removed_fraction"],
-        "params": sum(p.numel() for p in pruned.parameters()),
-        "params_dense": sum(p.numel() for p in net.parameters()),
-        "attention_params": attn_params(pruned), "attention_params_dense": attn_params(net),
-        "dense_accuracy": dense_meta["test_accuracy"], "estimate": est_info,
-    }
-    t = time.perf_counter()
-    row["accuracy_oneshot"] = evaluate_text(pruned, data["test"])["accuracy"]
-    ft = finetune_text(pruned, data["train"], TextFinetuneConfig(args.ft_steps, lr=args.ft_lr, seed=seed),
-                       progress=False)
-    row["accuracy_finetuned"] = evaluate_text(pruned, data["test"])["accuracy"]
-    row["finetune"] = {"steps": args.ft_steps, "lr": args.ft_lr, "seconds": round(ft["seconds"], 1)}
-    row["seconds"] = round(time.perf_counter() - t, 1)
-    row["versions"] = {"torch": torch.__version__, "python": platform.python_version()}
-    atomic_write_json(path, row)
+    if not row:
+        row = {
+            "seed": seed, "criterion": criterion, "target": target, "counts": plan.counts(),
+            "units_removed_fraction": plan.achieved["removed_fraction"],
+            "params": sum(p.numel() for p in pruned.parameters()),
+            "params_dense": sum(p.numel() for p in net.parameters()),
+            "attention_params": attn_params(pruned), "attention_params_dense": attn_params(net),
+            "dense_accuracy": dense_meta["test_accuracy"], "dense_key": dense_meta.get("key"), "estimate": est_info,
+            "compensation": comp_info, "calib_batches": args.calib_batches,
+        }
+        row["accuracy_oneshot"] = evaluate_text(pruned, data["test"])["accuracy"]
+        row["versions"] = {"torch": torch.__version__, "python": platform.python_version()}
+        atomic_write_json(path, row)
+    if want_ft:
+        t = time.perf_counter()
+        ft = finetune_text(pruned, data["train"], TextFinetuneConfig(args.ft_steps, lr=args.ft_lr, seed=seed),
+                           progress=False)
+        row["accuracy_finetuned"] = evaluate_text(pruned, data["test"])["accuracy"]
+        row["finetune"] = {"steps": args.ft_steps, "lr": args.ft_lr, "seconds": round(ft["seconds"], 1)}
+        row["seconds"] = round(time.perf_counter() - t, 1)
+        atomic_write_json(path, row)
     return row
 
 
@@ -185,6 +236,24 @@ def plots(results: Path, rows: list[dict], dense: dict[int, float]) -> list[str]
                            xlabel="heads pruned (%)", ylabel="test accuracy (%)", hline=hline)
         names.append(name)
     return names
+
+
+PAIRS = (("hap-obs+comp", "michel"), ("hap-obs+comp", "michel+comp"), ("hap+comp", "michel"),
+         ("hap+comp", "michel+comp"), ("hap", "michel"), ("hap-obs+comp", "hap+comp"), ("hap-obs+comp", "obs+comp"),
+         ("hap-obs", "hap-obs+comp"), ("michel+comp", "michel"), ("hap+comp", "hap"))
+
+
+def paired(diffs: list[float]) -> str:
+    """Mean and 95% t-interval of paired differences (n - 1 degrees of freedom)."""
+    if not diffs:
+        return "-"
+    m = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return f"{m:+.2f} (n=1, no interval)"
+    from scipy.stats import t as student
+
+    half = float(student.ppf(0.975, len(diffs) - 1)) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return f"{m:+.2f} [{m - half:+.2f}, {m + half:+.2f}] (n={len(diffs)})"
 
 
 def tables(results: Path) -> str:
@@ -225,16 +294,22 @@ def tables(results: Path) -> str:
             counts = rs[0]["counts"]
             kept = rs[0]["attention_params"] / rs[0]["attention_params_dense"]
             lines.append(f"| {c} | {ms([r['accuracy_oneshot'] for r in rs])} | "
-                         f"{ms([r['accuracy_finetuned'] for r in rs])} | {counts['removed']} / {counts['implanted']} "
+                         f"{ms([r['accuracy_finetuned'] for r in rs if 'accuracy_finetuned' in r])} | {counts['removed']} / {counts['implanted']} "
                          f"| {kept:.1%} |")
-        hap = {r["seed"]: r for r in sub if r["criterion"] == "hap"}
-        mic = {r["seed"]: r for r in sub if r["criterion"] == "michel"}
-        both = sorted(set(hap) & set(mic))
-        if both:
-            for key, label in (("accuracy_oneshot", "one-shot"), ("accuracy_finetuned", "fine-tuned")):
-                diffs = [hap[s][key] - mic[s][key] for s in both]
-                lines.append("")
-                lines.append(f"HAP − Michel ({label}), paired by seed: {ms(diffs)} pp")
+        pairs = [(a, b) for a, b in PAIRS if any(r["criterion"] == a for r in sub)
+                 and any(r["criterion"] == b for r in sub)]
+        if pairs:
+            lines += ["", "Paired by seed (same dense model, calibration batches and fine-tuning order), difference in "
+                      "pp, mean and 95% t-interval:", "",
+                      "| comparison | one-shot | after fine-tuning |", "|---|---|---|"]
+            for a, b in pairs:
+                ra = {r["seed"]: r for r in sub if r["criterion"] == a}
+                rb = {r["seed"]: r for r in sub if r["criterion"] == b}
+                cells = []
+                for key in ("accuracy_oneshot", "accuracy_finetuned"):
+                    both = sorted(s for s in set(ra) & set(rb) if key in ra[s] and key in rb[s])
+                    cells.append(paired([100 * (ra[s][key] - rb[s][key]) for s in both]))
+                lines.append(f"| {a} − {b} | {cells[0]} | {cells[1]} |")
         lines.append("")
     diag_path = results / "diagnostics.json"
     if diag_path.is_file():  # written by --diagnose
@@ -263,8 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probes", type=int, default=8, help="Hutchinson probes per calibration batch")
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--ridge", type=float, default=1e-4, help="relative ridge of compensation")
+    ap.add_argument("--oneshot-only", action="store_true",
+                    help="prune (+ compensate) and evaluate only; a later run without it adds the fine-tune")
     ap.add_argument("--smoke", action="store_true", help="tiny budgets; results to runs/heads_minilm_smoke")
     ap.add_argument("--tables-only", action="store_true")
+    ap.add_argument("--dense-only", action="store_true", help="only fine-tune (and cache) the dense models")
     ap.add_argument("--diagnose", action="store_true",
                     help="rank correlations between criteria and Hutchinson's noise -> diagnostics.json")
     args = ap.parse_args(argv)
@@ -275,6 +354,10 @@ def main(argv: list[str] | None = None) -> int:
         args.dense_steps, args.ft_steps, args.calib_batches, args.probes = 20, 5, 2, 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.dense_only:  # the dense fine-tunes do not depend on any criterion: start them first
+        for seed in args.seeds:
+            dense_model(seed, load_split(seed, args.max_length), args, out)
+        return 0
     if args.diagnose:
         diagnose(args.seeds, args, results, out)
         return 0
@@ -290,13 +373,15 @@ def main(argv: list[str] | None = None) -> int:
             calib = list(text_batches(data["train"], 32, shuffle=True, seed=10_000 + seed))[: args.calib_batches]
             cache: dict = {}
             for target in args.targets:
-                for criterion in args.criteria:
+                for criterion in sorted(args.criteria, key=lambda c: (c not in PRIORITY,
+                                                                      PRIORITY.index(c) if c in PRIORITY else 0)):
                     path = results / "runs" / f"s{seed}-{criterion}-{round(100 * target)}.json"
-                    if path.is_file():
+                    if path.is_file() and ("accuracy_finetuned" in json.loads(path.read_text())
+                                           or args.oneshot_only):
                         continue
                     row = run_one(net, meta, data, calib, structures, criterion, target, seed, args, cache, path)
-                    log(f"seed {seed} {criterion:12s} {target:.0%}: one-shot {row['accuracy_oneshot']:.4f} "
-                        f"fine-tuned {row['accuracy_finetuned']:.4f} ({row['seconds']:.0f} s)")
+                    log(f"seed {seed} {criterion:14s} {target:.0%}: one-shot {row['accuracy_oneshot']:.4f} "
+                        f"fine-tuned {row.get('accuracy_finetuned', float('nan')):.4f}")
     text = tables(results)
     if not args.smoke:
         (results / "README.md").write_text(text)

@@ -32,8 +32,8 @@ def plan_transformer(model: nn.Module, structures: StructureSet, sensitivity: Se
                      implant_rank: int | None = None, min_units: int = 1) -> Plan:
     """A :class:`Plan` removing ``target`` of the budget, least important structures first.
 
-    ``implant_ratio``: implanted heads per removed unit (the band just above the removal threshold; attention
-    groups only). ``implant_rank``: head dimension of implanted heads (default head_dim // 4).
+    ``implant_ratio``: implanted heads per removed unit (the band just above the removal threshold; BERT-family
+    attention groups only: a ValueError at plan time when no unit can take one, e.g. on Llama-family models). ``implant_rank``: head dimension of implanted heads (default head_dim // 4).
     """
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {BUDGETS}, got {budget!r}")
@@ -64,6 +64,13 @@ def plan_transformer(model: nn.Module, structures: StructureSet, sensitivity: Se
                 hidden = model.get_submodule(b.q).in_features
                 implant = rank / b.head_dim if budget == "units" else float(_implant_cost(hidden, rank))
         icost += [implant] * g.size
+    if implant_ratio > 0 and all(math.isnan(c) for c in icost):
+        fams = sorted({getattr(blocks[g.name], "family", "ffn") for g in structures})
+        why = ("rotary position embeddings (Llama family) do not commute with a low-rank query/key map, and "
+               "grouped key/value heads share their keys" if "llama" in fams else "implants are for BERT-family "
+               "attention heads only")
+        raise ValueError(f"implant_ratio={implant_ratio} but no unit of these structures can take an implant "
+                         f"({', '.join(fams)} blocks): {why}; use implant_ratio=0")
     total = sum(cost)
     order = sorted(range(len(scores)), key=lambda i: (float(scores[i]), i))
     sizes = {g.name: g.size for g in structures}

@@ -119,11 +119,17 @@ def _layer_index(name: str) -> int:
     return int(found[-1])
 
 
-def prune_transformer(model: nn.Module, plan: Plan, *, implant_rank: int | None = None) -> nn.Module:
+def prune_transformer(model: nn.Module, plan: Plan, *, implant_rank: int | None = None,
+                      compensate: Any = None, ridge: float = 1e-4, mask_fn: Any = None,
+                      progress: bool = False) -> nn.Module:
     """A pruned copy of ``model`` (never modified) following ``plan`` (groups named as by
     :func:`haprune.hf.transformer_structures` on the same ``model``).
 
     ``implant_rank``: head dimension of implanted heads (default: ``plan.implant_rank``, else head_dim // 4).
+    ``compensate``: calibration batches (what ``model`` accepts, e.g. :func:`haprune.hf.text_batches` output);
+    when given, the output and down projections that lost inputs are refitted to the dense model's outputs
+    (:func:`haprune.hf.compensate_transformer`, ``ridge``, ``mask_fn``), and ``config.haprune["compensation"]``
+    records it.
     """
     blocks = block_index(model)
     unknown = [n for n in plan.groups if n not in blocks]
@@ -152,6 +158,15 @@ def prune_transformer(model: nn.Module, plan: Plan, *, implant_rank: int | None 
         elif gp.remove:
             _prune_ffn(pruned, b, gp.keep)
     _write_config(pruned, prefix, original, plan, blocks, rank or 0)
+    if compensate is not None:
+        from .compensate import compensate_transformer
+
+        report = compensate_transformer(model, pruned, compensate, ridge=ridge, mask_fn=mask_fn, progress=progress)
+        record = getattr(find_pretrained(pruned)[1].config, RECORD_KEY)
+        record["compensation"] = {
+            "ridge": ridge, "mode": "sequential", "rows": max((r["rows"] for r in report.values()), default=0),
+            "layers": {n[len(prefix):] if n.startswith(prefix) else n:
+                       {"sse_before": r["sse_before"], "sse_after": r["sse_after"]} for n, r in report.items()}}
     return pruned
 
 
