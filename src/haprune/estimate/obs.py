@@ -125,7 +125,8 @@ def _block_obs(h: torch.Tensor, w: torch.Tensor, cols: list[torch.Tensor], ridge
                row_weights: torch.Tensor | None) -> torch.Tensor:
     """delta_s = sum_o r_o w_{o,s}^T [(H^-1)_ss]^-1 w_{o,s} for every channel's column block s."""
     d = h.shape[0]
-    lam = ridge * float(h.diagonal().mean().clamp_min(1e-30))
+    # a floor of 1e-10 keeps dead inputs (constant over the calibration data: removing them costs nothing) invertible
+    lam = max(ridge, 1e-10) * float(h.diagonal().mean().clamp_min(1e-30))
     hinv = torch.linalg.inv(h + lam * torch.eye(d, dtype=torch.float64))
     hinv = (hinv + hinv.T) / 2
     out = torch.zeros(len(cols), dtype=torch.float64)
