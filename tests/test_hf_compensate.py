@@ -164,11 +164,21 @@ def test_undetermined_fit_raises_before_changing_anything():
         compensate_transformer(dense, pruned, batches(), layers=["model.classifier"])
 
 
+_ROWS: dict = {}
+
+
+def dense_rows(model, layer, data):
+    """(x, y) rows of an unchanging model's layer, computed once per test."""
+    key = (id(model), layer, id(data))
+    if key not in _ROWS:
+        _ROWS[key] = (rows(model, layer, data, output=False), rows(model, layer, data, output=True))
+    return _ROWS[key]
+
+
 def brute_force_removal_error(dense, group: str, layer: str, units_cols: list[list[int]], data, intercept: bool,
                               row_weight: torch.Tensor | None = None) -> float:
     """Error increase (weighted per output) of removing the given columns and refitting the rest by lstsq."""
-    x = rows(dense, layer, data, output=False)
-    y = rows(dense, layer, data, output=True)
+    x, y = dense_rows(dense, layer, data)
     drop = {c for cols in units_cols for c in cols}
     keep = [c for c in range(x.shape[1]) if c not in drop]
     w, b = lstsq(x[:, keep], y, intercept)
