@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from ..graph import Group, StructureSet, eval_mode, model_device
 
-__all__ = ["obs_saliency", "output_curvature", "patches", "consumers"]
+__all__ = ["obs_saliency", "output_curvature", "patches", "consumers", "consumer_grams", "InputGram"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -67,7 +67,7 @@ def consumers(model: nn.Module, group: Group) -> list[tuple[str, torch.Tensor, t
     return out
 
 
-class _Gram:
+class InputGram:
     """Raw sums for a layer's centred input Gram matrix and its uncentred diagonal (float64)."""
 
     def __init__(self, d: int):
@@ -86,9 +86,9 @@ class _Gram:
 
 
 def _grams(model: nn.Module, names: list[str], batches: list[Batch], chunk_rows: int,
-           progress: bool) -> dict[str, _Gram]:
+           progress: bool) -> dict[str, InputGram]:
     mods = {n: model.get_submodule(n) for n in names}
-    grams: dict[str, _Gram] = {}
+    grams: dict[str, InputGram] = {}
 
     def hook(mod, inp, out, n):
         x = inp[0].detach()
@@ -97,7 +97,7 @@ def _grams(model: nn.Module, names: list[str], batches: list[Batch], chunk_rows:
         for s in range(0, x.shape[0], per):
             rows = _layer_rows(mod, x[s:s + per])
             if n not in grams:
-                grams[n] = _Gram(rows.shape[1])
+                grams[n] = InputGram(rows.shape[1])
             grams[n].add(rows)
 
     handles = [m.register_forward_hook(lambda mod, i, o, n=n: hook(mod, i, o, n)) for n, m in mods.items()]
@@ -147,9 +147,17 @@ def _block_obs(h: torch.Tensor, w: torch.Tensor, cols: list[torch.Tensor], ridge
     return out
 
 
+def consumer_grams(model: nn.Module, structures: StructureSet, batches: Iterable[Batch], *,
+                   chunk_rows: int = 65536, progress: bool = False) -> dict[str, InputGram]:
+    """Every consumer layer's input Gram sums over ``batches`` (one forward pass), to share between
+    :func:`obs_saliency` and :func:`output_curvature`."""
+    names = sorted({n for g in structures for n, _, _ in consumers(model, g)})
+    return _grams(model, names, list(batches), chunk_rows, progress)
+
+
 def output_curvature(model: nn.Module, structures: StructureSet, diag: dict[str, torch.Tensor],
-                     batches: Iterable[Batch], *, chunk_rows: int = 65536, progress: bool = False
-                     ) -> dict[str, torch.Tensor]:
+                     batches: Iterable[Batch], *, chunk_rows: int = 65536, progress: bool = False,
+                     grams: dict[str, InputGram] | None = None) -> dict[str, torch.Tensor]:
     """Per consumer layer, ``h_o = sum_i GGN[o, i] / sum_i E_rows[x_i^2]``: the loss curvature per unit of
     squared error in output row ``o`` (per calibration row), from a GGN (or Fisher) diagonal ``diag`` of the
     weights (``haprune.estimate.curvature.ggn(...)["diag"]``, the mean loss over samples). Under the
@@ -157,7 +165,8 @@ def output_curvature(model: nn.Module, structures: StructureSet, diag: dict[str,
     recovers the mean output curvature per row (the positions cancel against the row count)."""
     batches = list(batches)
     names = sorted({n for g in structures for n, _, _ in consumers(model, g) if f"{n}.weight" in diag})
-    grams = _grams(model, names, batches, chunk_rows, progress)
+    if grams is None:
+        grams = _grams(model, names, batches, chunk_rows, progress)
     samples = sum(len(x) for x, _ in batches)
     out = {}
     for n in names:
@@ -173,7 +182,7 @@ def output_curvature(model: nn.Module, structures: StructureSet, diag: dict[str,
 
 def obs_saliency(model: nn.Module, structures: StructureSet, batches: Iterable[Batch], *, ridge: float = 1e-4,
                  output_weights: dict[str, torch.Tensor] | None = None, chunk_rows: int = 65536,
-                 progress: bool = False) -> torch.Tensor:
+                 progress: bool = False, grams: dict[str, InputGram] | None = None) -> torch.Tensor:
     """One score per structure (``structures`` order, higher = keep): the summed structured OBS saliency of the
     channel over the group's consumer layers (see the module docstring), float64.
 
@@ -193,7 +202,8 @@ def obs_saliency(model: nn.Module, structures: StructureSet, batches: Iterable[B
         raise ValueError("obs_saliency needs calibration batches: pass at least one (inputs, targets) batch")
     per_group = {g.name: consumers(model, g) for g in structures}
     names = sorted({n for cs in per_group.values() for n, _, _ in cs})
-    grams = _grams(model, names, batches, chunk_rows, progress)
+    if grams is None:
+        grams = _grams(model, names, batches, chunk_rows, progress)
     scores = torch.zeros(structures.num_structures, dtype=torch.float64)
     unmeasured = [g for g in structures if not per_group[g.name]]
     for g in structures:
