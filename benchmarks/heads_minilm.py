@@ -258,11 +258,13 @@ def paired(diffs: list[float]) -> str:
 
 def tables(results: Path) -> str:
     rows = [json.loads(p.read_text()) for p in sorted((results / "runs").glob("*.json"))]
-    dense = {}
+    dense, dense_full = {}, {}
     for p in sorted((results / "runs").glob("dense-s*.json")):
         d = json.loads(p.read_text())
-        dense[d["seed"]] = d["test_accuracy"]
+        dense[d["seed"]] = dense_full[d["seed"]] = d["test_accuracy"]
     rows = [r for r in rows if "criterion" in r]
+    stale = [r for r in rows if r["seed"] in dense_full and r.get("dense_accuracy") != dense_full[r["seed"]]]
+    rows = [r for r in rows if r not in stale]  # a row counts only with the seed's current dense model
     if not rows:
         return "no runs yet\n"
 
@@ -376,9 +378,13 @@ def main(argv: list[str] | None = None) -> int:
                 for criterion in sorted(args.criteria, key=lambda c: (c not in PRIORITY,
                                                                       PRIORITY.index(c) if c in PRIORITY else 0)):
                     path = results / "runs" / f"s{seed}-{criterion}-{round(100 * target)}.json"
-                    if path.is_file() and ("accuracy_finetuned" in json.loads(path.read_text())
-                                           or args.oneshot_only):
-                        continue
+                    if path.is_file():
+                        old = json.loads(path.read_text())
+                        if old.get("dense_accuracy") != meta["test_accuracy"]:  # made from another dense model
+                            log(f"{path.name}: made from another dense model; redone")
+                            path.unlink()
+                        elif "accuracy_finetuned" in old or args.oneshot_only:
+                            continue
                     row = run_one(net, meta, data, calib, structures, criterion, target, seed, args, cache, path)
                     log(f"seed {seed} {criterion:14s} {target:.0%}: one-shot {row['accuracy_oneshot']:.4f} "
                         f"fine-tuned {row.get('accuracy_finetuned', float('nan')):.4f}")
