@@ -18,6 +18,7 @@ from haprune.hf.implant import fit_lowrank_head  # noqa: E402
 from haprune.plan import GroupPlan, Plan  # noqa: E402
 
 F64 = torch.float64
+V5 = int(transformers.__version__.split(".")[0]) >= 5
 
 
 def bert(seed=0, heads=4, hidden=16, layers=2, ffn=12):
@@ -281,14 +282,19 @@ def test_reload_round_trips(tmp_path):
     pruned = prune_transformer(net, plan)
     save_pretrained(pruned, tmp_path / "heads")
     x = tokens(4)
-    plain = TextClassifier(BertForSequenceClassification.from_pretrained(tmp_path / "heads",
-                                                                          attn_implementation="eager", dtype=F64).eval())
     ours = TextClassifier(from_pretrained(tmp_path / "heads", attn_implementation="eager", dtype=F64))
     with torch.no_grad():
         # float64 rounding only (the loaded modules take other matmul paths): 1e-12 is ~1e11 times tighter
         # than any pruning effect
-        assert torch.allclose(plain(x), pruned(x), atol=1e-12, rtol=0)
         assert torch.allclose(ours(x), pruned(x), atol=1e-12, rtol=0)
+    if V5:  # transformers 5 dropped config.pruned_heads: a plain load fails loudly instead of loading wrong shapes
+        with pytest.raises(Exception, match="mismatch"):
+            BertForSequenceClassification.from_pretrained(tmp_path / "heads")
+    else:
+        plain = TextClassifier(BertForSequenceClassification.from_pretrained(
+            tmp_path / "heads", attn_implementation="eager", dtype=F64).eval())
+        with torch.no_grad():
+            assert torch.allclose(plain(x), pruned(x), atol=1e-12, rtol=0)
     # implants and uneven FFN widths: haprune's loader; a plain load fails loudly instead of loading wrong shapes
     s2 = transformer_structures(net, heads=True, ffn=True)
     plan2 = random_plan(s2, 5, implant=True)
@@ -297,7 +303,7 @@ def test_reload_round_trips(tmp_path):
     with torch.no_grad():
         assert torch.allclose(TextClassifier(from_pretrained(tmp_path / "implants", attn_implementation="eager",
                                                              dtype=F64))(x), pruned2(x), atol=1e-12, rtol=0)
-    with pytest.raises(Exception, match="size mismatch"):
+    with pytest.raises(Exception, match="size mismatch|mismatched_sizes"):  # 4.x / 5.x wording
         BertForSequenceClassification.from_pretrained(tmp_path / "implants")
     # Llama with the same number of KV groups and FFN width in every layer: a stock config describes it
     lnet = llama(6)
@@ -338,7 +344,12 @@ def test_minilm_heads_pruned_reload_with_plain_automodel(tmp_path):
     assert plan.counts()["removed"] == round(0.6 * 72 + 0.49)
     pruned = prune_transformer(net, plan)
     save_pretrained(pruned, tmp_path / "minilm")
-    reloaded = AutoModel.from_pretrained(tmp_path / "minilm", attn_implementation="eager").eval()
+    if V5:  # transformers 5 dropped config.pruned_heads: only haprune's loader describes the pruned model
+        with pytest.raises(Exception, match="mismatch"):
+            AutoModel.from_pretrained(tmp_path / "minilm")
+        reloaded = from_pretrained(tmp_path / "minilm", AutoModel, attn_implementation="eager")
+    else:
+        reloaded = AutoModel.from_pretrained(tmp_path / "minilm", attn_implementation="eager").eval()
     ids = torch.randint(1000, 2000, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a = pruned.m(input_ids=ids).last_hidden_state

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..plan import GroupPlan, Plan
+from .layout import AttentionBlock, FfnBlock
 from .surgery import RECORD_KEY, find_pretrained, prune_transformer
 
 __all__ = ["save_pretrained", "from_pretrained"]
@@ -70,6 +72,44 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _natural(name: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def _align(recorded: list[str], present: list[str], path: Path) -> dict[str, str]:
+    """Recorded block name -> block name in the rebuilt model. Names match on the transformers version that
+    pruned the model; across versions that renamed modules (ViT: ``encoder.layer.0.attention`` in 4.57,
+    ``layers.0.attention`` in 5.x) the blocks are matched in layer order."""
+    if set(recorded) <= set(present):
+        return {n: n for n in recorded}
+    if len(recorded) != len(present):
+        raise ValueError(f"{path}: the pruning record names {len(recorded)} blocks (e.g. {recorded[:1]}) and this "
+                         f"transformers version's model has {len(present)} (e.g. {present[:1]}); reload with the "
+                         "transformers version that pruned it")
+    return dict(zip(sorted(recorded, key=_natural), sorted(present, key=_natural)))
+
+
+def _checkpoint_to_model_keys(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename checkpoint keys to the (Hugging Face) ``model``'s own through the model's key mapping:
+    transformers 5.x saves some models (ViT, DeiT, ...) under their 4.x key names and renames them on load;
+    4.x has no mapping."""
+    own = model.state_dict()
+    if set(tensors) <= set(own):
+        return tensors
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4.x: keys are saved as the modules name them
+        return tensors
+    saved = revert_weight_conversion(model, dict(own))  # model key -> checkpoint key, as save_pretrained does
+    by_id = {id(t): k for k, t in own.items()}
+    rename = {}
+    for ck, t in saved.items():
+        k = by_id.get(id(t[0] if isinstance(t, list) else t))
+        if k is not None and ck != k:
+            rename[ck] = k
+    return {rename.get(k, k): v for k, v in tensors.items()}
+
+
 def from_pretrained(path: str | os.PathLike[str], model_class: Any = None, **kwargs: Any) -> nn.Module:
     """Load a (possibly haprune-pruned) Hugging Face model folder.
 
@@ -97,13 +137,19 @@ def from_pretrained(path: str | os.PathLike[str], model_class: Any = None, **kwa
     from .structures import block_index
 
     blocks = block_index(model)
-    for name, entry in record["attention"].items():
+    attn_names = _align(list(record["attention"]), [n for n, b in blocks.items() if isinstance(b, AttentionBlock)],
+                        path)
+    ffn_names = _align(list(record["ffn"]), [n for n, b in blocks.items() if isinstance(b, FfnBlock)], path)
+    for rel, entry in record["attention"].items():
+        name = attn_names[rel]
         n = blocks[name].num_units
         keep, m = entry["units"], entry.get("implanted", 0)
         groups[name] = GroupPlan(n, remove=list(range(keep + m, n)), implant=list(range(keep, keep + m)))
         rank = max(rank, entry.get("rank", 0))
-    for name, size in record["ffn"].items():
+    for rel, size in record["ffn"].items():
+        name = ffn_names[rel]
         groups[name] = GroupPlan(blocks[name].size, remove=list(range(size, blocks[name].size)))
+
     model = prune_transformer(model, Plan(groups, implant_kind="lowrank", implant_rank=rank), implant_rank=rank or None)
     config._attn_implementation = model.config._attn_implementation  # the modules were built for it
     model.config = config
@@ -112,6 +158,7 @@ def from_pretrained(path: str | os.PathLike[str], model_class: Any = None, **kwa
     prefix = getattr(model, "base_model_prefix", "")
     if not set(tensors) & set(own) and prefix:  # weights saved from the bare base model
         tensors = {f"{prefix}.{k}": v for k, v in tensors.items()}
+    tensors = _checkpoint_to_model_keys(model, tensors)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     tied = set()
     if hasattr(model, "tie_weights"):

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..graph import Group, NothingPrunableError, StructureSet, TensorSlice
-from .layout import AttentionBlock, FfnBlock, find_blocks
+from .layout import AttentionBlock, FfnBlock, UnsupportedTransformerError, find_blocks, unsupported_parts
 
 __all__ = ["transformer_structures", "block_index"]
 
@@ -60,6 +60,21 @@ def transformer_structures(model: nn.Module, *, heads: bool = True, ffn: bool = 
     if not heads and not ffn:
         raise ValueError("nothing to prune: pass heads=True and/or ffn=True")
     attn_blocks, ffn_blocks = find_blocks(model)
+    if heads and not attn_blocks:  # never prune only the FFN when heads were asked for
+        found = unsupported_parts(model)
+        raise UnsupportedTransformerError(
+            "heads requested, but no attention block that haprune can prune was found ("
+            + ("found instead: " + "; ".join(found) if found else
+               "no module has query/key/value and output projections under the names haprune knows")
+            + (f"); {len(ffn_blocks)} feed-forward block(s) were found: pass heads=False, ffn=True to prune only "
+               "those" if ffn_blocks else ")"))
+    if ffn and not ffn_blocks:
+        found = unsupported_parts(model)
+        raise UnsupportedTransformerError(
+            "FFN neurons requested, but no feed-forward block that haprune can prune was found"
+            + (" (found instead: " + "; ".join(found) + ")" if found else "")
+            + (f"; {len(attn_blocks)} attention block(s) were found: pass ffn=False to prune only heads"
+               if attn_blocks else ""))
     ignored = list(ignored or [])
     unknown = set(ignored) - {b.name for b in [*attn_blocks, *ffn_blocks]}
     if unknown:
@@ -70,14 +85,17 @@ def transformer_structures(model: nn.Module, *, heads: bool = True, ffn: bool = 
         if b.name in ignored:
             continue
         if b.num_units < 2:
-            refused.append((b.name, "only one attention unit"))
+            refused.append((b.name, "only one attention unit (one key/value head); removing it would remove the block"))
             continue
         groups.append(_attention_group(model, b))
     for b in (ffn_blocks if ffn else []):
         if b.name not in ignored:
             groups.append(_ffn_group(model, b))
     if not groups:
-        raise NothingPrunableError("no attention or FFN block left to prune "
-                                   f"(refused: {refused or 'none'}; ignored: {ignored or 'none'})")
+        why = "; ".join(f"{n}: {r}" for n, r in refused) or "none"
+        raise NothingPrunableError(
+            f"no attention or FFN block left to prune: {len(attn_blocks)} attention and {len(ffn_blocks)} FFN "
+            f"block(s) found, refused: {why}; ignored: {', '.join(ignored) or 'none'}"
+            + ("" if ffn else "; pass ffn=True to prune FFN neurons too"))
     shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     return StructureSet(groups, refused, ignored, shapes)
