@@ -26,7 +26,7 @@ from typing import Any
 
 # the names of haprune.hf.importance.UNIT_CRITERIA (kept here so that building the parser imports no torch;
 # tests/test_hf_cli_errors.py checks that the two agree)
-CRITERIA = ("hap", "hap-ggn", "michel", "magnitude", "random")
+CRITERIA = ("hap", "hap-ggn", "michel", "magnitude", "random", "obs", "hap-obs")
 COMPENSATION = ("none", "sequential", "dense-inputs")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
                     "sentencepiece.bpe.model", "tokenizer.model")
