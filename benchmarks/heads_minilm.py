@@ -1,6 +1,6 @@
 """Head pruning of a fine-tuned all-MiniLM-L6-v2 on Rotten Tomatoes: HAP vs Michel et al. vs magnitude vs random.
 
-    python benchmarks/heads_minilm.py                  # the full run: 3 seeds x 4 targets x 5 criteria (CPU, ~2 h)
+    python benchmarks/heads_minilm.py                  # the full run: 3 seeds x 4 targets x 13 criteria (CPU, hours)
     python benchmarks/heads_minilm.py --smoke          # 1 seed, 1 target, tiny budgets (~3 min), to runs/ only
     python benchmarks/heads_minilm.py --tables-only    # rebuild docs/results/heads_minilm/README.md (+ plot)
     python benchmarks/heads_minilm.py --diagnose --seeds 0   # rank correlations between criteria (after a run)
@@ -11,15 +11,22 @@ fraction of heads and criterion, one-shot test accuracy and test accuracy after 
 fine-tuning (same seed, same batches for every criterion). All criteria see the same calibration batches
 (``--calib-batches`` x 32 training snippets).
 
+    python benchmarks/heads_minilm.py --dense-only     # only the dense fine-tunes (cached under runs/, keyed)
+    python benchmarks/heads_minilm.py --seeds 0 --targets 0.6 --oneshot-only --criteria hap-obs+comp michel+comp
+
 Criteria: ``hap`` (Hutchinson head traces, Tr(H_s)/n_s * ||w_s||^2, global ranking), ``hap+implant`` (the same
 scores; the band just above the removal threshold keeps rank head_dim/4 low-rank heads, the budget counting an
 implanted head as 3/4 removed, so the attention parameter count matches plain removal), ``hap-ggn`` (the
 same score on exact Gauss-Newton block traces, p0 p1 ||grad_s (z0 - z1)||^2 per sample: positive semi-definite,
 where the Hessian of a transformer is not), ``michel`` (expected
 |dL/d gate|, layer-normalised, Michel et al. 2019), ``magnitude`` (squared L2 norm of each head's weights),
-``random``. Every model keeps at least one head per layer.
+``random``, ``obs`` / ``hap-obs`` (structured OBS saliency of the output projection, unweighted / weighted per
+output by the loss's curvature, see haprune.hf.obs_importance); a ``+comp`` suffix refits the output projections
+after removal (haprune.hf.compensate_transformer). Every model keeps at least one head per layer.
 
-Resumable: one JSON per finished run under docs/results/heads_minilm/runs/; dense models under runs/heads_minilm/.
+Resumable: one JSON per finished run under docs/results/heads_minilm/runs/ (a one-shot-only record is completed by
+a later run with fine-tuning); dense models under runs/heads_minilm/dense-s<seed>-<hash of everything that
+determines them>, head scores under runs/heads_minilm/scores/.
 """
 from __future__ import annotations
 
@@ -280,6 +287,17 @@ def tables(results: Path) -> str:
              "regenerate the runs with `python benchmarks/heads_minilm.py` (CPU). Test accuracy (%), mean ± std "
              "over seeds; each seed has its own split, dense fine-tune, calibration batches and fine-tuning "
              "order. Target = fraction of the 72 heads removed (an implanted head counts as 3/4 removed).", "",
+             "Criteria: `hap` (Hutchinson head traces x squared weights), `hap-ggn` (exact Gauss-Newton traces), "
+             "`michel` (Michel et al. 2019, expected |dL/d gate|, layer-normalised), `magnitude`, `random`, "
+             "`obs` (structured OBS: the increase of the output projection's squared reconstruction error when the "
+             "head goes and the other heads' columns and the bias are refitted, scored in the greedy order of an "
+             "OBS surgeon) and `hap-obs` (the same, each output of the projection weighted by the loss's curvature "
+             "with respect to it: the diagonal empirical Fisher of the attention block's output). `+comp`: after "
+             "removal, every output projection that lost heads is refitted in forward order to the dense model's "
+             "output on the pruned model's own inputs (ridge least squares over the calibration tokens, padding "
+             "excluded; `haprune.hf.compensate_transformer`, `prune_transformer(..., compensate=batches)`), on the "
+             "same calibration batches the scores used. `-` in the fine-tuned column: that row has been run "
+             "one-shot only (`--oneshot-only`).", "",
              f"Dense: {ms(list(dense.values()))}", ""]
     figures = plots(results, rows, dense)
     lines += [f"![{f}]({f})" for f in figures] + [""]
