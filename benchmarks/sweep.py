@@ -100,8 +100,8 @@ SENSITIVITY_TIME_BUDGET = 1e9
 # dense model's outputs on the calibration batches. "<row>+comp" is "<row>" with it, everything else equal.
 COMPENSATE_MODE = "sequential"
 COMPENSATE_SUFFIX = "+comp"
-COMPENSATED_ROWS = ("hap", "hap+ni-lstsq", "hap+ni-zeros", "hap-exact-obd", "l1", "l2", "taylor", "fisher", "random", "obs",
-                    "tp-magnitude-l2", "tp-taylor", "tp-hessian")
+COMPENSATED_ROWS = ("hap", "hap+ni-lstsq", "hap+ni-zeros", "hap-exact-obd", "l1", "l2", "taylor", "fisher", "random",
+                    "obs", "tp-magnitude-l2", "tp-taylor", "tp-hessian")
 # BatchNorm statistics re-estimated after compensation (as after plain removal); see docs/results/compensation.md
 REESTIMATE_BN_AFTER_COMPENSATION = True
 for _name in COMPENSATED_ROWS:
@@ -852,7 +852,7 @@ HEADER = [
     "refitted by least squares to the dense model's outputs on the calibration images), everything else equal. "
     "`tp-*` rows are Torch-Pruning's own MetaPruner (global pruning, classifier ignored, ratio bisected to the "
     "target). Records made with the earlier protocol (every seed calibrated on the first 512 training images) are "
-    "kept apart in [legacy_first512_calibration/](legacy_first512_calibration/README.md) and never mixed in.",
+    "kept apart in [" + LEGACY_DIR + "/](" + LEGACY_DIR + "/README.md) and never mixed in.",
     "",
     "**CPU speed-up**: dense / pruned median latency in eager PyTorch, batch 64, 2 threads, the two timed "
     "interleaved by `python benchmarks/sweep.py --latency` (the pruned architecture rebuilt from the run's "

@@ -65,11 +65,12 @@ def test_latency_pass_rebuilds_each_runs_widths_and_fills_latency_once(tmp_path)
                            )["details"]["plan_widths"]
     assert any(removed > 0 for _, removed, _ in tp_widths.values())
     # measure_latencies raises if a rebuilt architecture's parameter count differs from the run's
-    assert sweep.measure_latencies(ctx, tmp_path / "results", batch=2, threads=1, repeats=2) == 2
+    assert sweep.measure_latencies(ctx, tmp_path / "results", batch=2, threads=1, repeats=2,
+                                   loadavg=lambda: 0.0) == 2  # a quiet machine (simulated)
     for path in (tmp_path / "results" / "resnet20").glob("*.json"):
         lat = json.loads(path.read_text())["latency"]
         assert lat["speedup"] > 0 and lat["batch"] == 2 and lat["dense_ms"] > 0
-    assert sweep.measure_latencies(ctx, tmp_path / "results", batch=2, threads=1, repeats=2) == 0
+    assert sweep.measure_latencies(ctx, tmp_path / "results", batch=2, threads=1, repeats=2, loadavg=lambda: 0.0) == 0
     assert "CPU speed-up" in sweep.tables(tmp_path / "results")
 
 
@@ -103,7 +104,8 @@ def test_calibration_is_a_per_seed_random_draw_from_the_whole_training_split(tmp
     again = _ctx(sweep, tmp_path)
     assert torch.equal(again.calibration_indices(3), ctx.calibration_indices(3))
     rec = ctx.calibration_record(3)
-    assert rec["protocol"] == sweep.CALIBRATION_PROTOCOL and rec["first_indices"] == ctx.calibration_indices(3)[:8].tolist()
+    assert rec["protocol"] == sweep.CALIBRATION_PROTOCOL
+    assert rec["first_indices"] == ctx.calibration_indices(3)[:8].tolist()
     assert rec != ctx.calibration_record(4)
 
 
