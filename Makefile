@@ -1,11 +1,12 @@
 # Two entry points (see README.md):
 #   make demo   installs everything (venv, pinned packages, Fashion-MNIST from Debian) and prunes ResNet-56
 #   make test   installs the venv if needed and runs the test suite
+#   make test-hf5   the Hugging Face tests again on transformers 5.x (requirements/hf5.txt), in .venv/hf5
 PY      := .venv/bin/python
 STAMP   := .venv/.installed
 FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: demo test install data clean-demo
+.PHONY: demo test test-hf5 install data clean-demo
 
 $(STAMP): pyproject.toml requirements/env.txt requirements/nodeps.txt
 	python3 -m venv .venv
@@ -32,6 +33,25 @@ demo: install data
 
 test: install
 	$(PY) -m pytest
+
+# transformers 5.x beside the pinned 4.57: .venv/hf5 sees the main venv's packages (torch, haprune, ...) through a
+# .pth file and installs only transformers 5 and what it needs over them. Runs the haprune.hf test files.
+HF5      := .venv/hf5
+HF_TESTS := tests/test_hf.py tests/test_hf_cli.py tests/test_hf_layouts.py tests/test_hf_cli_errors.py \
+            $(wildcard tests/test_hf_compensate.py)
+
+$(HF5)/.installed: $(STAMP) requirements/hf5.txt
+	rm -rf $(HF5)
+	python3 -m venv $(HF5)
+	base=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	site=$$($(HF5)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	echo "import site; site.addsitedir('$$base')" > "$$site/haprune-base.pth"
+	$(HF5)/bin/python -m pip install --quiet -r requirements/hf5.txt
+	touch $@
+
+test-hf5: $(HF5)/.installed
+	$(HF5)/bin/python -c 'import transformers; print("transformers", transformers.__version__)'
+	HAPRUNE_HF_OTHER_PYTHON=$(abspath $(PY)) $(HF5)/bin/python -m pytest $(HF_TESTS)
 
 clean-demo:
 	rm -rf runs/demo
