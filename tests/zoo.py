@@ -209,10 +209,10 @@ class InvertedResidual(nn.Module):
     """MobileNetV2 / V3 / EfficientNet MBConv: 1x1 expand, k x k depthwise, optional SE, 1x1 project, residual
     when the shape allows."""
 
-    def __init__(self, c_in: int, c_out: int, expand: int, stride: int, k: int = 3, act: type[nn.Module] = nn.ReLU6,
+    def __init__(self, c_in: int, c_out: int, expand: float, stride: int, k: int = 3, act: type[nn.Module] = nn.ReLU6,
                  se: float = 0.0, se_act: type[nn.Module] = nn.ReLU, se_gate: type[nn.Module] = nn.Sigmoid):
         super().__init__()
-        hidden = c_in * expand
+        hidden = int(round(c_in * expand))
         layers: list[nn.Module] = []
         if expand != 1:
             layers += [nn.Conv2d(c_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), act()]
