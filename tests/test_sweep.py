@@ -156,6 +156,8 @@ def test_comp_rows_share_the_plan_and_checkpoints_are_keyed_by_weights_not_run_i
     assert comp["calibration"] == plain["calibration"] and comp["calibration"]["seed"] == 1
     assert plain["accuracy"]["oneshot_before_bn_reestimate"] is None
     assert 0 <= comp["accuracy"]["oneshot_before_bn_reestimate"] <= 1
+    if not sweep.REESTIMATE_BN_AFTER_COMPENSATION:  # the dense BatchNorm statistics kept: one value
+        assert comp["accuracy"]["oneshot"] == comp["accuracy"]["oneshot_before_bn_reestimate"]
     keys = {r["finetune"]["checkpoint_key"] for r in (plain, comp)}
     assert len(keys) == 2
     dirs = sorted(p.name for p in (tmp_path / "runs" / "tiny" / "resnet20").iterdir())
