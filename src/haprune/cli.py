@@ -323,8 +323,6 @@ def _check_model_fits_data(model, data) -> None:
     if logits.dim() != 2 or logits.shape[1] != data.num_classes:
         raise CLIError(f"the model gives outputs of shape {tuple(logits.shape)} for one image, but the data has "
                        f"{data.num_classes} classes: build the model with num_classes={data.num_classes}")
-    if not bool(torch.isfinite(logits).all()):
-        raise CLIError("the model's output on a test image is NaN or infinite: check the weights")
 
 
 def _device_of(model):
@@ -489,12 +487,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
             raise CLIError("--compensate needs a haprune whose apply_plan supports compensation; this one does not")
     try:
         with run_folder(args.out) as rf:
-            return _prune_into(args, source, rf, started)
+            report, plan = _prune_into(args, source, rf, started)
     except RunFolderError as e:
         raise CLIError(str(e)) from None
+    _print_summary(report, plan)  # only now: the run folder is in place
+    for w in report["warnings"]:
+        print(f"WARNING: {w}")
+    print(f"wrote {rf.final}: report.json, plan.json, model.safetensors, model.json (run {rf.run_id})")
+    return 0
 
 
-def _prune_into(args: argparse.Namespace, source: dict[str, Any], rf, started: datetime) -> int:
+def _prune_into(args: argparse.Namespace, source: dict[str, Any], rf, started: datetime):
     """The pipeline of ``prune``, writing into the staging folder ``rf.path`` (it becomes --out on success)."""
     import torch
 
@@ -507,19 +510,15 @@ def _prune_into(args: argparse.Namespace, source: dict[str, Any], rf, started: d
     if geometry is not None and source["source"] != "hf-vision":  # model and weights checked before the data
         dense = _build_model(source, *geometry)
         _load_weights(dense, args.weights)
+        _check_ignore(dense, args.ignore)
     data = _load_data(args)
     if dense is None:
         dense = _build_model(source, data.in_channels, data.num_classes)
         _load_weights(dense, args.weights)
+        _check_ignore(dense, args.ignore)
     channels, _, size = _model_geometry(dense)
     data = _fit_data_to_model(data, channels, size)
     _check_model_fits_data(dense, data)
-    if args.ignore:
-        names = dict(dense.named_modules())
-        unknown = [n for n in args.ignore if n not in names]
-        if unknown:
-            raise CLIError(f"--ignore names no layer of the model: {', '.join(unknown)} (layers are named like "
-                           f"{', '.join(list(n for n in names if n)[:3])}, ...)")
     dense = dense.to(device)
     example = _example(data).to(device)
     from .data import batches
@@ -635,11 +634,16 @@ def _prune_into(args: argparse.Namespace, source: dict[str, Any], rf, started: d
     report["majority_class_rate"] = majority
     report["warnings"] = warnings
     write_report(out / "report.json", report)
-    _print_summary(report, plan)
-    for w in warnings:
-        print(f"WARNING: {w}")
-    print(f"wrote {rf.final}: report.json, plan.json, model.safetensors, model.json (run {rf.run_id})")
-    return 0
+    return report, plan
+
+
+def _check_ignore(model, ignore: list[str] | None) -> None:
+    if ignore:
+        names = dict(model.named_modules())
+        unknown = [n for n in ignore if n not in names]
+        if unknown:
+            raise CLIError(f"--ignore names no layer of the model: {', '.join(unknown)} (layers are named like "
+                           f"{', '.join(list(n for n in names if n)[:3])}, ...)")
 
 
 def _data_arg(args: argparse.Namespace) -> str | None:
