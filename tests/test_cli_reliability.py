@@ -384,3 +384,69 @@ def test_resume_continues_its_own_run_and_never_another(small_npz, weights, tmp_
     a, b = load_file(straight / "model.safetensors"), load_file(out / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not list(_fileio.work_dir(out).glob("checkpoint-*")) if _fileio.work_dir(out).exists() else True
+
+
+# ------------------------------------------------------------------------------------ any model a user brings
+
+MODEL_FILE = '''
+import torch.nn as nn
+
+
+def make(in_channels=1, num_classes=10):
+    return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+'''
+
+
+def _npz_prune(small_npz, out, *model):
+    return ["prune", *model, "--data", small_npz, "--out", out, "--target", "0.3", "--finetune-epochs", "0",
+            "--calib-batches", "1", "--calib-batch-size", "16", "--latency-batch", "2", "--latency-repeats", "1",
+            "--criterion", "l2", "--round-to", "1", "--quiet"]
+
+
+def test_a_model_file_and_factory_prunes_and_eval_reloads_it(small_npz, tmp_path, capsys):
+    import importlib.util
+
+    (tmp_path / "mynet.py").write_text(MODEL_FILE)
+    spec = importlib.util.spec_from_file_location("mynet_for_test", tmp_path / "mynet.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    save_weights(module.make(1, 10), tmp_path / "w.safetensors")
+    out = tmp_path / "run"
+    model = ["--model-file", f"{tmp_path / 'mynet.py'}:make", "--weights", tmp_path / "w.safetensors"]
+    assert run(*_npz_prune(small_npz, out, *model)) == 0
+    report = json.loads((out / "report.json").read_text())
+    spec_json = json.loads((out / "model.json").read_text())
+    assert spec_json["source"] == "model-file" and spec_json["factory"] == "make" and spec_json["data"]
+    assert report["params"]["after"] < report["params"]["before"]
+    capsys.readouterr()
+    assert run("eval", out) == 2  # eval never runs code that a run folder names: the user passes it again
+    assert "pass --model-file again" in capsys.readouterr().err
+    assert run("eval", out, "--model-file", f"{tmp_path / 'mynet.py'}:make") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["test_accuracy"] == pytest.approx(report["accuracy"]["after_oneshot"], abs=1e-12)
+    assert result["params"] == report["params"]["after"]
+    assert run(*_npz_prune(small_npz, tmp_path / "x", "--model-file", f"{tmp_path / 'mynet.py'}:nothing",
+                           "--weights", tmp_path / "w.safetensors")) == 2
+    assert "has no function 'nothing'" in capsys.readouterr().err
+
+
+def test_a_hugging_face_image_classifier_folder_prunes_and_eval_reloads_it(small_npz, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                       num_labels=10, layer_type="basic")
+    torch.manual_seed(0)
+    transformers.ResNetForImageClassification(config).save_pretrained(tmp_path / "hf")
+    out = tmp_path / "run"
+    assert run(*_npz_prune(small_npz, out, "--hf-vision", tmp_path / "hf")) == 0
+    captured = capsys.readouterr()
+    assert "1 -> 3 channels" in captured.err  # grey data repeated to the model's 3 channels
+    report = json.loads((out / "report.json").read_text())
+    assert report["params"]["after"] < report["params"]["before"]
+    assert run("eval", out) == 0  # rebuilt from the folder's config.json alone (no code, no weights)
+    result = json.loads(capsys.readouterr().out)
+    assert result["test_accuracy"] == pytest.approx(report["accuracy"]["after_oneshot"], abs=1e-12)
+    assert run(*_npz_prune(small_npz, tmp_path / "y", "--hf-vision", tmp_path)) == 2
+    assert "no config.json" in capsys.readouterr().err
