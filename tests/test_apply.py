@@ -52,8 +52,13 @@ def test_random_residual_cnns_prune_to_the_planned_size(seed, widths, blocks, ta
     except ValueError:  # too coarse or capped: refused with a message, nothing built
         event("plan refused")
         return
-    event("pruned")
     before = copy.deepcopy(net.state_dict())
+    if any(gp.implant and not gp.keep for gp in plan.groups.values()):  # only zero implants would carry the signal
+        event("refused: a group of zero implants only")
+        with pytest.raises(PlanMismatchError, match="zero-initialised implants"):
+            apply_plan(net, plan, x, structures=S)
+        return
+    event("pruned")
     pruned = apply_plan(net, plan, x, structures=S)
     xb = torch.randn(3, 1, 9, 9)
     assert pruned(xb).shape == net(xb).shape
@@ -374,3 +379,18 @@ def test_permuted_implants_equal_the_scatter_formulation(seed, monkeypatch):
     xb = torch.randn(3, 1, 10, 10)
     torch.testing.assert_close(ours(xb), ref(xb), rtol=1e-5, atol=1e-5)
     assert not any(isinstance(m, ScatterImplant) for m in ours.modules())
+
+
+def test_a_group_of_only_zero_implants_is_refused_unless_the_implants_are_fit():
+    net = make_net(0, widths=(4, 6), blocks=1)
+    x = torch.randn(1, 1, 10, 10)
+    S = build_structures(net, x)
+    g = S["layers.0.conv1"]
+    plan = Plan.identity(S)
+    plan.groups[g.name] = GroupPlan(g.size, remove=[0, 1], implant=[2, 3])
+    with pytest.raises(PlanMismatchError, match="keeps no channel, only 2 zero-initialised implants"):
+        apply_plan(net, plan, x, structures=S)
+    calib = [(torch.randn(32, 1, 10, 10), torch.zeros(32, dtype=torch.long))]
+    fitted = apply_plan(net, plan, x, structures=S, calibration=calib, compensate=True)
+    imp = fitted.get_submodule(g.name)
+    assert isinstance(imp, ImplantConv2d) and imp.main is None and imp.implant.weight.abs().sum() > 0

@@ -411,11 +411,13 @@ def compensate(
         raise ValueError(f"ridge must be >= 0, got {ridge}")
     start = time.perf_counter()
     dmods, pmods = dict(dense.named_modules()), dict(pruned.named_modules())
-    candidates = [n for n, m in pmods.items() if n and _supported(m) and not _inside_implant(n, pmods)]
-    missing = [n for n in candidates if n not in dmods]
-    if missing:
-        raise CompensationError(f"pruned layers {missing[:3]} have no same-named module in the dense model: "
-                                f"compensate needs the dense model the pruned one was made from")
+    supported = [n for n, m in pmods.items() if n and _supported(m) and not _inside_implant(n, pmods)]
+    candidates = [n for n in supported if n in dmods]
+    missing = [n for n in supported if n not in dmods]  # e.g. modules a surgery added: never refit
+    asked = [] if layers is None or layers == "all" else [n for n in layers if n in missing]
+    if asked or (missing and not candidates):
+        raise CompensationError(f"pruned layers {(asked or missing)[:3]} have no same-named module in the dense "
+                                f"model: compensate needs the dense model the pruned one was made from")
     for n in candidates:
         d = dmods[n]
         if not isinstance(d, (nn.Linear, nn.Conv2d)) or isinstance(d, nn.Linear) != isinstance(pmods[n], nn.Linear):
