@@ -942,7 +942,13 @@ def main(argv: list[str] | None = None) -> int:
         run_all(mode, args.models)
     if mode == "full":
         doc = json.loads(CONFIGS["full"]["json"].read_text())
-        atomic_write(RESULTS / "performance.md", markdown(doc))
+        page = markdown(doc)
+        if (RESULTS / "auto_choice.json").exists():  # keep benchmarks/auto_choice.py's section on the page
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            import auto_choice
+
+            page = auto_choice.with_section(page, auto_choice.section(auto_choice.load_result()))
+        atomic_write(RESULTS / "performance.md", page)
         print(f"wrote {RESULTS / 'performance.md'}")
     return 0
 

@@ -73,14 +73,18 @@ def test_ggn_differs_from_hessian_on_gelu_net():
     assert ((got.trace - exact).abs() / exact.abs()).max() > 1e-3
 
 
-def test_auto_picks_exact_ggn_for_relu_and_hutchinson_for_gelu():
+def test_auto_picks_exact_ggn_for_relu_and_fisher_for_gelu():
     net, x, y, S = small_problem()
     s = estimate(net, S, [(x, y)], "auto", progress=False)
     assert s.info["auto"]["chose"] == "ggn" and s.info["exact"]
     net, x, y, S = small_problem(act=nn.GELU)
     s = estimate(net, S, [(x, y)], "auto", progress=False, max_probes=4)
-    assert s.info["auto"]["chose"] == "hutchinson"
-    assert "GeluBackward0" in s.info["auto"]["why"]
+    assert s.info["auto"]["chose"] == "fisher" and s.criterion == "fisher"
+    assert "GeluBackward0" in s.info["auto"]["why"] and s.info["auto"]["double_backward"] == "supported"
+    # a custom loss leaves only Hutchinson (after the double-backward trial)
+    s = estimate(net, S, [(x, y)], "auto", progress=False, max_probes=4,
+                 loss_fn=lambda z, t: F.cross_entropy(z, t, label_smoothing=0.1))
+    assert s.info["auto"]["chose"] == "hutchinson" and s.info["probes_per_batch"] == [4]
 
 
 def test_hutchinson_converges_to_exact_block_traces():

@@ -10,15 +10,20 @@ per-structure block traces; a *score rule* then combines curvature and weights:
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..graph import StructureSet, eval_mode, model_device  # noqa: F401  (re-exported)
+from ..outputs import OutputFn, logits_of
+
+log = logging.getLogger("haprune.estimate")
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -28,6 +33,12 @@ SCORE_RULES = ("hap", "obd")
 
 class CalibrationDataError(ValueError):
     """The calibration batches are empty or produce a non-finite loss."""
+
+
+class ModelCheckError(CalibrationDataError):
+    """The model cannot give a usable sensitivity: non-finite weights or buffers, a non-finite output or loss,
+    saturated predictions (no curvature), all-zero or non-finite scores, or an operation the chosen estimator
+    cannot differentiate. A :class:`CalibrationDataError` so that callers catching that one report it too."""
 
 
 @dataclass
@@ -88,6 +99,154 @@ def check_loss(loss: torch.Tensor, batch_index: int) -> None:
             f"the loss on calibration batch {batch_index} is {loss.item()}; check the model and data "
             "(NaN weights? labels out of range?)"
         )
+
+
+def forward_logits(model: nn.Module, x: torch.Tensor, output_fn: OutputFn | None = None) -> torch.Tensor:
+    """``model(x)`` as a logits tensor (a ``ModelOutput`` / dict / tuple is unwrapped by :func:`logits_of`)."""
+    return logits_of(model(x), output_fn)
+
+
+def _listed(names: list[str], limit: int = 3) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def check_parameters(model: nn.Module) -> None:
+    """Refuse a model with NaN or infinite parameters or floating buffers, naming the tensors (before any pass)."""
+    bad = []
+    for kind, items in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for name, t in items:
+            if t.is_floating_point() or t.is_complex():
+                n = int((~torch.isfinite(t.detach())).sum())
+                if n:
+                    bad.append(f"{kind} {name} ({n} of {t.numel()} values NaN or infinite)")
+    if bad:
+        raise ModelCheckError(f"the model holds non-finite numbers: {_listed(bad)}; no sensitivity can be "
+                              "computed from it: load intact weights (or retrain) before pruning")
+
+
+def check_first_batch(model: nn.Module, batch: Batch, loss_fn: LossFn | None,
+                      output_fn: OutputFn | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """One forward pass on the first calibration batch, before any estimator's pass: the output must be finite,
+    the loss finite and, for the default cross-entropy, the labels in range and the predictions not saturated
+    (softmax probabilities all exactly 0 or 1 carry no curvature and no gradient: every score would be zero).
+    Returns the logits and {loss, accuracy (cross-entropy only)} of that batch. Call it in eval mode."""
+    x, y = batch
+    with torch.no_grad():
+        logits = forward_logits(model, x, output_fn)
+    if not torch.isfinite(logits).all():
+        raise ModelCheckError(
+            "the model's output on calibration batch 0 holds NaN or infinite values although its weights are "
+            "finite: an overflow inside the model (check the input scaling, or run in a wider dtype)")
+    stats: dict[str, float] = {}
+    if loss_fn is None:
+        k = logits.shape[-1]
+        if y.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8) and len(y) and (
+                int(y.min()) < 0 or int(y.max()) >= k):
+            raise CalibrationDataError(f"calibration labels run from {int(y.min())} to {int(y.max())}, but the "
+                                       f"model outputs {k} classes: labels must lie in 0..{k - 1}")
+        with torch.no_grad():
+            loss = default_loss(logits, y)
+        check_loss(loss, 0)
+        p = logits.softmax(-1)
+        if not bool(((p * (1 - p)).sum(-1) > 0).any()):
+            raise ModelCheckError(
+                f"the model's predictions on calibration batch 0 are saturated (loss {loss.item():.4g}; every "
+                "softmax probability is exactly 0 or 1): the loss has no gradient and no curvature there, so every "
+                "score would be zero. The logits are far too large (largest |logit| "
+                f"{logits.abs().max().item():.3g}): check the weights and input scaling")
+        stats["loss"] = float(loss)
+        if y.dtype == torch.int64 and y.dim() == 1:
+            stats["accuracy"] = float((logits.argmax(-1) == y).double().mean())
+    else:
+        with torch.no_grad():
+            loss = loss_fn(logits, y)
+        check_loss(loss, 0)
+        stats["loss"] = float(loss)
+    return logits, stats
+
+
+def check_scores(scores: torch.Tensor, criterion: str, structures: StructureSet) -> None:
+    """After a pass: refuse non-finite scores (naming the groups) and all-zero scores (with the likely cause)."""
+    finite = torch.isfinite(scores)
+    if not bool(finite.all()):
+        groups = [g for g, v in structures.split(finite.logical_not()).items() if bool(v.any())]
+        raise ModelCheckError(
+            f"{criterion} gave NaN or infinite scores for {int((~finite).sum())} of {len(scores)} structures (groups "
+            f"{_listed(groups)}): the loss or its derivatives overflowed on some calibration batch; check the data "
+            "beyond the first batch, or run in float64")
+    if len(scores) and not bool((scores != 0).any()):
+        raise ModelCheckError(
+            f"{criterion} gave a score of exactly zero to every structure, which ranks nothing: the predictions "
+            "are saturated on every calibration sample (probabilities 0 or 1 give no gradient and no curvature), "
+            "or the structures' weights are all zero; check the model's weights and the calibration data")
+
+
+def hf_attention_configs(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    """The outermost Hugging Face models inside ``model`` (``model`` itself included) whose attention is not
+    ``eager``, with their current implementation (``sdpa``, ``flash_attention_2``, ...)."""
+    found: list[tuple[nn.Module, str]] = []
+    covered: set[int] = set()
+    for m in model.modules():
+        if id(m) in covered:
+            continue
+        impl = getattr(getattr(m, "config", None), "_attn_implementation", None)
+        if isinstance(impl, str) and callable(getattr(m, "set_attn_implementation", None)):
+            covered.update(id(s) for s in m.modules())
+            if impl != "eager":
+                found.append((m, impl))
+    return found
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module, why: str = "double backward") -> Iterator[list[str]]:
+    """Switch every Hugging Face model inside ``model`` to eager attention for the block (PyTorch's fused
+    attention kernels have no second derivative), restoring each one's implementation afterwards. Yields the
+    switches made ("name: sdpa -> eager"); refuses, with the fix, a model that cannot be switched."""
+    names = {id(m): n for n, m in model.named_modules()}
+    switched: list[tuple[nn.Module, str]] = []
+    done: list[str] = []
+    try:
+        for m, impl in hf_attention_configs(model):
+            can = getattr(m, "_can_set_attn_implementation", None)
+            if callable(can) and not can():
+                raise ModelCheckError(
+                    f"{type(m).__name__} uses {impl!r} attention, which has no second derivative ({why}), and cannot "
+                    "be switched after loading: load it with attn_implementation='eager', or use criterion "
+                    "'fisher' or 'ggn' (first derivatives only)")
+            m.set_attn_implementation("eager")
+            if m.config._attn_implementation != "eager":
+                raise ModelCheckError(
+                    f"{type(m).__name__} uses {impl!r} attention, which has no second derivative ({why}), and did "
+                    "not switch to eager: load it with attn_implementation='eager', or use criterion 'fisher' or "
+                    "'ggn'")
+            switched.append((m, impl))
+            done.append(f"{names.get(id(m)) or type(m).__name__}: {impl} -> eager")
+        if done:
+            log.info("switched attention to eager for the %s (restored afterwards): %s", why, "; ".join(done))
+        yield done
+    finally:
+        for m, impl in reversed(switched):
+            m.set_attn_implementation(impl)
+
+
+def double_backward_error(model: nn.Module, batch: Batch, params: list[nn.Parameter], loss_fn: LossFn,
+                          output_fn: OutputFn | None = None) -> str | None:
+    """A one-sample trial of a Hessian-vector product (what Hutchinson needs): None if it works, else the error.
+
+    Some operations have no second derivative in PyTorch (``hardsigmoid``, fused attention kernels)."""
+    x, y = batch
+    try:
+        with torch.enable_grad():
+            loss = loss_fn(forward_logits(model, x[:1], output_fn), y[:1])
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            pairs = [(g, p) for g, p in zip(grads, params) if g is not None and g.requires_grad]
+            if pairs:
+                torch.autograd.grad([g for g, _ in pairs], [p for _, p in pairs],
+                                    grad_outputs=[torch.ones_like(g) for g, _ in pairs], allow_unused=True)
+    except (RuntimeError, NotImplementedError) as e:
+        return str(e).strip().splitlines()[0]
+    return None
 
 
 def structure_params(model: nn.Module, structures: StructureSet) -> tuple[list[str], list[nn.Parameter]]:

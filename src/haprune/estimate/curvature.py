@@ -15,6 +15,8 @@ chunk_size x (outputs for ggn, 1 for fisher) x (structure parameters) floats, pl
 """
 from __future__ import annotations
 
+import math
+import time
 from typing import Any
 
 import torch
@@ -24,11 +26,14 @@ from torch.func import functional_call, grad, jacrev, vmap
 from tqdm.auto import tqdm
 
 from ..graph import StructureSet
+from ..outputs import OutputFn, logits_of
 from .base import (
     Batch,
     LossFn,
     check_loss,
     default_loss,
+    forward_logits,
+    log,
     relative_stderr,
     structure_params,
     weight_sq,
@@ -50,14 +55,14 @@ PIECEWISE_LINEAR_OPS = frozenset({
 })
 
 
-def nonlinear_ops(model: nn.Module, inputs: torch.Tensor) -> list[str]:
+def nonlinear_ops(model: nn.Module, inputs: torch.Tensor, output_fn: OutputFn | None = None) -> list[str]:
     """Autograd ops of one forward pass that are not on the piecewise-linear whitelist (empty: GGN is exact).
 
     Parameter-times-parameter products (``MulBackward0``, attention) are reported too: they make the Hessian
     diagonal differ from the GGN diagonal.
     """
     with torch.enable_grad():
-        out = model(inputs)
+        out = forward_logits(model, inputs, output_fn)
     seen, stack, bad = set(), [out.grad_fn], set()
     while stack:
         fn = stack.pop()
@@ -98,7 +103,8 @@ def split_half_reliability(even: torch.Tensor, odd: torch.Tensor, factor: torch.
 
 def hutchinson(model: nn.Module, structures: StructureSet, batches: list[Batch], *, loss_fn: LossFn = default_loss,
                min_probes: int = 16, max_probes: int = 300, stop: str = "rank", reliability: float = 0.95,
-               tol: float = 0.05, check_every: int = 8, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+               tol: float = 0.05, check_every: int = 8, seed: int = 0, progress: bool = True,
+               time_budget: float | None = None, output_fn: OutputFn | None = None) -> dict[str, Any]:
     """Hutchinson estimates of each structure's Hessian block trace, averaged over calibration batches.
 
     For each batch: one backward with ``create_graph=True``; then probes v (Rademacher over the structures'
@@ -114,11 +120,18 @@ def hutchinson(model: nn.Module, structures: StructureSet, batches: list[Batch],
       ``reliability`` at two checks in a row. What pruning needs is the order of the structures, not every trace to a few percent.
     - ``"stderr"``: every structure's relative standard error below ``tol``. Rarely reachable: structures
       with traces near zero need thousands of probes.
+
+    ``time_budget`` (seconds, None: unbounded) bounds the whole run: batch i stops probing (after at least two
+    probes) once i+1 equal shares of the budget are spent; ``info["stopped_by"]`` says per batch what ended it
+    (``"reliability"``, ``"tol"``, ``"max_probes"`` or ``"time_budget"``), beside the reliability reached.
     """
     if stop not in STOP_RULES:
         raise ValueError(f"stop must be one of {STOP_RULES}, got {stop!r}")
     if max_probes < 1:
         raise ValueError(f"max_probes must be >= 1, got {max_probes}")
+    if time_budget is not None and not time_budget > 0:
+        raise ValueError(f"time_budget must be a positive number of seconds or None, got {time_budget}")
+    start = time.perf_counter()
     min_probes = max(2, min(min_probes, max_probes))
     check_every = max(2, check_every + check_every % 2)
     names, params = structure_params(model, structures)
@@ -130,11 +143,14 @@ def hutchinson(model: nn.Module, structures: StructureSet, batches: list[Batch],
     var = torch.zeros_like(trace)
     diag = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in zip(names, params)}
     probes_used: list[int] = []
+    stopped_by: list[str] = []
     bar = tqdm(total=len(batches) * max_probes, desc="hutchinson probes", disable=not progress, leave=False)
     for bi, (x, y) in enumerate(batches):
-        loss = loss_fn(model(x), y)
+        loss = loss_fn(forward_logits(model, x, output_fn), y)
         check_loss(loss, bi)
         grads = torch.autograd.grad(loss, params, create_graph=True)
+        deadline = math.inf if time_budget is None else start + time_budget * (bi + 1) / len(batches)
+        why = "max_probes"
         mean = torch.zeros(structures.num_structures, dtype=torch.float64, device=x.device)
         m2 = torch.zeros_like(mean)
         bdiag = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in zip(names, params)}
@@ -154,13 +170,18 @@ def hutchinson(model: nn.Module, structures: StructureSet, batches: list[Batch],
                 bdiag[nm] += (elem[nm].double() - bdiag[nm]) / n
             halves[n % 2] += sample
             bar.update(1)
+            if n >= 2 and n % 2 == 0 and n < max_probes and time.perf_counter() > deadline:
+                why = "time_budget"
+                break
             if n < min_probes or n % check_every:
                 continue
             if stop == "rank":  # must hold at two checks in a row: one crossing can be luck
                 last, rel = rel, split_half_reliability(halves[0], halves[1], factor)
                 if rel >= reliability and last >= reliability:
+                    why = "reliability"
                     break
             elif bool((relative_stderr(mean, m2, n) < tol).all()):
+                why = "tol"
                 break
         bar.update(max_probes - n)
         del grads, loss
@@ -170,10 +191,15 @@ def hutchinson(model: nn.Module, structures: StructureSet, batches: list[Batch],
         for nm in names:
             diag[nm] += w * bdiag[nm].cpu()
         probes_used.append(n)
+        stopped_by.append(why)
         if stop == "rank":
             reliabilities.append(round(split_half_reliability(halves[0], halves[1], factor), 4))
     bar.close()
-    info = {"probes_per_batch": probes_used, "stop": stop, "max_probes": max_probes, "exact": False}
+    info = {"probes_per_batch": probes_used, "stop": stop, "max_probes": max_probes, "exact": False,
+            "stopped_by": stopped_by, "time_budget": time_budget}
+    if "time_budget" in stopped_by:
+        log.warning("hutchinson: the time budget of %s s ended probing (probes per batch %s%s)", time_budget,
+                    probes_used, f", ranking reliability reached {reliabilities}" if stop == "rank" else "")
     info.update({"reliability_target": reliability, "reliability_per_batch": reliabilities} if stop == "rank"
                 else {"tol": tol})
     return {"trace": trace, "stderr": var.sqrt(), "diag": diag, "info": info}
@@ -191,7 +217,7 @@ def _auto_chunk(num_params: int, per_sample_copies: int, budget_bytes: float, it
     return max(1, int(budget_bytes // max(1, num_params * per_sample_copies * itemsize * 3)))
 
 
-def _squared_grads(model: nn.Module, names: list[str]):
+def _squared_grads(model: nn.Module, names: list[str], output_fn: OutputFn | None = None):
     """A function accumulating sum_n w_n * (d CE(x_n, t_n) / d theta)^2 into ``acc``, per sample, chunked.
 
     ``w`` has shape (batch,), or (parts, batch) to accumulate several weighted sums at once into ``acc`` tensors
@@ -199,7 +225,8 @@ def _squared_grads(model: nn.Module, names: list[str]):
     params, others = _split_params(model, names)
 
     def sample_loss(p, x, t):
-        return F.cross_entropy(functional_call(model, (p, others), (x.unsqueeze(0),)), t.unsqueeze(0))
+        out = logits_of(functional_call(model, (p, others), (x.unsqueeze(0),)), output_fn)
+        return F.cross_entropy(out, t.unsqueeze(0))
 
     per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0))
     live = dict(model.named_parameters())
@@ -210,7 +237,7 @@ def _squared_grads(model: nn.Module, names: list[str]):
         # as in Hugging Face models); slower per sample but exact and bounded in memory
         plist = [live[n] for n in names]
         for i in range(len(x)):
-            loss = F.cross_entropy(model(x[i:i + 1]), t[i:i + 1])
+            loss = F.cross_entropy(forward_logits(model, x[i:i + 1], output_fn), t[i:i + 1])
             wi = w[..., i].double()
             for n, g in zip(names, torch.autograd.grad(loss, plist)):
                 acc[n] += wi.reshape(wi.shape + (1,) * g.dim()) * g.double().pow(2)
@@ -234,30 +261,37 @@ def _squared_grads(model: nn.Module, names: list[str]):
 
 
 def ggn(model: nn.Module, structures: StructureSet, batches: list[Batch], *, loss: str = "cross_entropy",
-        chunk_size: int | None = None, memory_budget_mb: float = 1024, progress: bool = True) -> dict[str, Any]:
+        chunk_size: int | None = None, memory_budget_mb: float = 1024, progress: bool = True,
+        time_budget: float | None = None, output_fn: OutputFn | None = None) -> dict[str, Any]:
     """Exact Gauss-Newton diagonal (and block traces) of the mean loss over the calibration batches.
 
     Cross-entropy: diag(GGN) = mean_n sum_k p_nk * (grad log p_k(x_n))^2 (the Fisher identity: J^T (diag p -
     p p^T) J = sum_k p_k (J^T (e_k - p))(J^T (e_k - p))^T), computed with one per-sample gradient pass per class.
     Mean-squared error (``loss="mse"``, mean over the K outputs): diag(GGN) = mean_n 2/K * sum_k (J_nk)^2 from
     per-sample Jacobians. Per-sample work runs in chunks that keep it under ``memory_budget_mb``.
+    With ``time_budget`` (seconds), batches after the one that spends it are skipped (at least one batch is used;
+    the result is the mean over the batches used, ``info["batches_used"]``).
     """
+    start = time.perf_counter()
     names, plist = structure_params(model, structures)
     num = sum(p.numel() for p in plist)
     total = sum(len(y) for _, y in batches)
     diag = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in zip(names, plist)}
     if loss == "cross_entropy":
-        params, accumulate = _squared_grads(model, names)
+        params, accumulate = _squared_grads(model, names, output_fn)
     elif loss == "mse":
         params, others = _split_params(model, names)
-        jac = vmap(jacrev(lambda p, x: functional_call(model, (p, others), (x.unsqueeze(0),)).squeeze(0)),
-                   in_dims=(None, 0))
+        jac = vmap(jacrev(lambda p, x: logits_of(functional_call(model, (p, others), (x.unsqueeze(0),)),
+                                                 output_fn).squeeze(0)), in_dims=(None, 0))
     else:
         raise ValueError(f"ggn supports loss 'cross_entropy' or 'mse', not {loss!r}")
     bar = tqdm(total=total, desc="ggn samples", disable=not progress, leave=False)
+    used = 0
     for bi, (x, y) in enumerate(batches):
+        if bi and time_budget is not None and time.perf_counter() - start > time_budget:
+            break
         with torch.no_grad():
-            logits = model(x)
+            logits = forward_logits(model, x, output_fn)
         k = logits.shape[-1]
         if loss == "cross_entropy":
             size = chunk_size or _auto_chunk(num, 1, memory_budget_mb * 2**20, plist[0].element_size())
@@ -270,10 +304,12 @@ def ggn(model: nn.Module, structures: StructureSet, batches: list[Batch], *, los
                 for n, Jn in jac(params, x[s:s + size]).items():
                     diag[n] += (2.0 / k) * Jn.double().pow(2).sum((0, 1))
         bar.update(len(x))
+        used += len(x)
     bar.close()
-    diag = {n: (d / total).cpu() for n, d in diag.items()}
+    diag = {n: (d / used).cpu() for n, d in diag.items()}
     return {"trace": structures.reduce(diag), "stderr": None, "diag": diag,
-            "info": {"samples": total, "loss": loss}}
+            "info": _budget_info({"samples": used, "loss": loss}, "ggn", bi_used(batches, used), batches,
+                                 time_budget)}
 
 
 def importance_draws(probs: torch.Tensor, draws: int, generator: torch.Generator, parts: int = 1
@@ -331,7 +367,8 @@ def importance_draws(probs: torch.Tensor, draws: int, generator: torch.Generator
 
 def fisher(model: nn.Module, structures: StructureSet, batches: list[Batch], *, labels: str = "sampled",
            sampling: str = "importance", samples_per_input: float = 1.0, stderr_groups: int = 8, seed: int = 0,
-           chunk_size: int | None = None, memory_budget_mb: float = 1024, progress: bool = True) -> dict[str, Any]:
+           chunk_size: int | None = None, memory_budget_mb: float = 1024, progress: bool = True,
+           time_budget: float | None = None, output_fn: OutputFn | None = None) -> dict[str, Any]:
     """Fisher diagonal from per-sample squared gradients of the cross-entropy (correctly per sample).
 
     ``labels="sampled"``: an unbiased Monte-Carlo estimate of the GGN diagonal (the true Fisher) from about
@@ -345,7 +382,10 @@ def fisher(model: nn.Module, structures: StructureSet, batches: list[Batch], *, 
       no standard error.
 
     ``labels="true"``: the data's labels (the empirical Fisher), one gradient per input.
+
+    With ``time_budget`` (seconds), batches after the one that spends it are skipped (at least one is used).
     """
+    start = time.perf_counter()
     if labels not in ("sampled", "true"):
         raise ValueError(f"labels must be 'sampled' or 'true', not {labels!r}")
     if sampling not in ("importance", "multinomial"):
@@ -358,7 +398,7 @@ def fisher(model: nn.Module, structures: StructureSet, batches: list[Batch], *, 
                          "use sampling='importance' for a fraction")
     names, plist = structure_params(model, structures)
     num = sum(p.numel() for p in plist)
-    _, accumulate = _squared_grads(model, names)
+    _, accumulate = _squared_grads(model, names, output_fn)
     gen = torch.Generator().manual_seed(seed)
     importance = labels == "sampled" and not multinomial
     draws_per_batch = [max(1, round(samples_per_input * len(y))) for _, y in batches]
@@ -370,12 +410,15 @@ def fisher(model: nn.Module, structures: StructureSet, batches: list[Batch], *, 
         parts = parts if parts >= 2 else 1
     acc = {n: torch.zeros((parts, *p.shape), dtype=torch.float64, device=p.device) for n, p in zip(names, plist)}
     size = chunk_size or _auto_chunk(num, 1, memory_budget_mb * 2**20, plist[0].element_size())
-    inputs = sum(len(y) for _, y in batches)
+    inputs = 0
     gradients = 0
-    bar = tqdm(total=inputs, desc="fisher inputs", disable=not progress, leave=False)
+    bar = tqdm(total=sum(len(y) for _, y in batches), desc="fisher inputs", disable=not progress, leave=False)
     for bi, (x, y) in enumerate(batches):
+        if bi and time_budget is not None and time.perf_counter() - start > time_budget:
+            break
+        inputs += len(x)
         with torch.no_grad():
-            logits = model(x)
+            logits = forward_logits(model, x, output_fn)
         check_loss(F.cross_entropy(logits, y), bi)
         ones = torch.ones(1, len(x), device=x.device)
         if labels == "true":
@@ -406,4 +449,25 @@ def fisher(model: nn.Module, structures: StructureSet, batches: list[Batch], *, 
         info.update({"sampling": sampling, "samples_per_input": samples_per_input})
     if stderr is not None:
         info["stderr_groups"] = parts
+    info = _budget_info(info, "fisher", bi_used(batches, inputs), batches, time_budget)
     return {"trace": structures.reduce(diag), "stderr": stderr, "diag": diag, "info": info}
+
+
+def bi_used(batches: list[Batch], samples: int) -> int:
+    """How many leading batches hold ``samples`` samples."""
+    seen = 0
+    for i, (_, y) in enumerate(batches):
+        if seen >= samples:
+            return i
+        seen += len(y)
+    return len(batches)
+
+
+def _budget_info(info: dict[str, Any], name: str, used: int, batches: list[Batch],
+                 time_budget: float | None) -> dict[str, Any]:
+    info["time_budget"] = time_budget
+    if used < len(batches):
+        info["batches_used"] = used
+        log.warning("%s: the time budget of %s s was spent after %d of %d calibration batches; the estimate uses "
+                    "those", name, time_budget, used, len(batches))
+    return info

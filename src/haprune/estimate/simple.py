@@ -10,7 +10,8 @@ import torch
 import torch.nn as nn
 
 from ..graph import StructureSet
-from .base import Batch, LossFn, check_loss, default_loss, structure_params
+from ..outputs import OutputFn
+from .base import Batch, LossFn, check_loss, default_loss, forward_logits, structure_params
 
 
 def magnitude(model: nn.Module, structures: StructureSet, p: int) -> torch.Tensor:
@@ -20,13 +21,13 @@ def magnitude(model: nn.Module, structures: StructureSet, p: int) -> torch.Tenso
 
 
 def taylor(model: nn.Module, structures: StructureSet, batches: list[Batch], *,
-           loss_fn: LossFn = default_loss) -> dict[str, Any]:
+           loss_fn: LossFn = default_loss, output_fn: OutputFn | None = None) -> dict[str, Any]:
     """First-order Taylor importance (Molchanov et al. 2019, group form): mean over batches of (sum_s g * w)^2."""
     names, params = structure_params(model, structures)
     acc = torch.zeros(structures.num_structures, dtype=torch.float64)
     total = sum(len(y) for _, y in batches)
     for bi, (x, y) in enumerate(batches):
-        loss = loss_fn(model(x), y)
+        loss = loss_fn(forward_logits(model, x, output_fn), y)
         check_loss(loss, bi)
         grads = torch.autograd.grad(loss, params)
         gw = structures.reduce({n: (g * w).detach() for n, g, w in zip(names, grads, params)})
