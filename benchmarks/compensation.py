@@ -126,10 +126,33 @@ class Bench:
         _save(out, path)
         return out
 
-    def _ggn(self, seed: int, calib: list, key: str) -> dict:
+    def _ggn(self, seed: int, calib: list, key: str, part: tuple[int, int] | None = None) -> dict:
+        """The exact GGN diagonal over the calibration batches; ``part=(i, k)`` computes only batches i, i+k, ...
+        (run the k parts as separate processes; the whole is their sample-weighted mean, and its time the sum of
+        the parts' times)."""
         path = RUNS / "sens" / f"ggn__s{seed}__n{self.calib_size}__{key}.pt"
         if path.exists():
             return torch.load(path)
+        if part is not None:
+            i, k = part
+            ppath = path.with_name(f"{path.stem}__part{i}of{k}.pt")
+            if not ppath.exists():
+                load = os.getloadavg()
+                t0 = time.perf_counter()
+                sub = calib[i::k]
+                res = ggn(self.dense.eval(), self.S, sub, progress=False)
+                _save({"diag": res["diag"], "samples": sum(len(y) for _, y in sub),
+                       "seconds": round(time.perf_counter() - t0, 2), "load": load}, ppath)
+            parts = [path.with_name(f"{path.stem}__part{j}of{k}.pt") for j in range(k)]
+            if not all(q.exists() for q in parts):
+                return {}
+            loaded = [torch.load(q) for q in parts]
+            total = sum(q["samples"] for q in loaded)
+            diag = {n: sum(q["diag"][n] * q["samples"] for q in loaded) / total for n in loaded[0]["diag"]}
+            out = {"trace": self.S.reduce(diag), "diag": diag, "seconds": round(sum(q["seconds"] for q in loaded), 2),
+                   "load": loaded[0]["load"], "parts": k}
+            _save(out, path)
+            return out
         load = os.getloadavg()
         t0 = time.perf_counter()
         res = ggn(self.dense.eval(), self.S, calib, progress=False)
@@ -316,9 +339,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib", type=int, default=512, help="calibration images per seed")
     p.add_argument("--write", action="store_true", help="only gather the cells into docs/results/compensation.*")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--ggn-part", default=None, help="i/k: only compute part i of k of the GGN pass of each seed "
+                   "(run k such processes side by side; the cells then use the merged diagonal)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.ggn_part:
+        i, k = map(int, a.ggn_part.split("/"))
+        b = Bench(a.calib)
+        for seed in a.seeds:
+            calib, key = b.calibration(seed)
+            b._ggn(seed, calib, key, part=(i, k))
+        return 0
     if not a.write:
         b = Bench(a.calib)
         for seed in a.seeds:
