@@ -176,6 +176,26 @@ def test_vision_transformers_prune_heads_not_only_the_ffn(kind):
         assert (b.num_heads, pruned.get_submodule(b.q).out_features) == (3, 12)
 
 
+@pytest.mark.xfail(_NEEDS_SURGERY and not _V5, strict=True, reason="ViT 4.57 needs surgery to call "
+                   "layout.set_head_count")
+def test_vit_implants_at_full_rank_equal_removal_on_4x_and_are_refused_on_5x():
+    net = make("vit", 1)
+    s = transformer_structures(net, heads=True)
+    plan = Plan({g.name: GroupPlan(g.size, [0], [2]) for g in s})
+    removal = Plan({g.name: GroupPlan(g.size, [0, 2]) for g in s})
+    if _V5:  # ViT 5.x is Llama-style attention: implants are refused, not mis-applied
+        with pytest.raises(NotImplementedError, match="implant"):
+            prune_transformer(net, plan, implant_rank=4)
+        return
+    x = inputs("vit", 1)
+    implanted = prune_transformer(net, plan, implant_rank=4)  # head_dim 4: the implant is exact
+    with torch.no_grad():
+        # the implanted head keeps its contribution: equal to removing only head 0
+        only0 = prune_transformer(net, Plan({g.name: GroupPlan(g.size, [0]) for g in s}))
+        assert torch.allclose(implanted(x), only0(x), atol=1e-10, rtol=0)
+        assert not torch.allclose(implanted(x), prune_transformer(net, removal)(x), atol=1e-6)
+
+
 def _gpt2():
     return transformers.GPT2ForSequenceClassification(transformers.GPT2Config(
         vocab_size=40, n_embd=16, n_layer=2, n_head=4, num_labels=3, bos_token_id=0, eos_token_id=0))
