@@ -13,6 +13,7 @@ from haprune.latency import LatencyTable, LayerTimes, layer_widths, measure_late
 from haprune.plan import BudgetError, CostModel, make_plan
 from haprune.report import count_flops
 from nets import make_net
+from zoo import make
 
 X = torch.randn(1, 1, 12, 12)
 NET = make_net(0, widths=(16, 24, 32), blocks=2, classes=5)
@@ -142,3 +143,23 @@ def test_wall_clock_table_on_a_tiny_net():
     assert TABLE.other_ms == 0.0  # an analytic timer times layers only
     with pytest.raises(ValueError, match="step >= 1"):
         measure_latency_table(net, s, X, step=0)
+
+
+@pytest.mark.parametrize("name", ["densenet", "mobilenetv2"])
+@pytest.mark.parametrize("allocation", ["cost-aware", "global"])
+def test_latency_of_concatenation_and_depthwise_graphs_follows_every_group(name, allocation):
+    # a concatenation's consumer is sliced by several groups, a depthwise conv has one width: the predicted widths
+    # and times must be the pruned model's, whichever allocation made the plan
+    model, x = make(name)
+    structures = build_structures(model, x)
+    table = measure_latency_table(model, structures, x, step=2, timer=macs)
+    cost = CostModel(model, structures, x, latency=table)
+    scores = torch.rand(structures.num_structures, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    plan = make_plan(structures, scores, cost, 0.35, budget="latency", round_to=2, allocation=allocation,
+                     tolerance=0.03)
+    assert plan.allocation == allocation
+    pruned = apply_plan(model, plan, x, structures=structures)
+    real = layer_widths(pruned)
+    removed = [plan.groups[n].remove for n in structures.names]
+    assert cost.layer_widths(removed=removed) == {n: real[n] for n in table.layers}
+    assert table.total_ms(real) == pytest.approx(plan.achieved["latency_after_ms"], rel=1e-9)

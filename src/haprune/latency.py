@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import math
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -132,7 +133,7 @@ def _coupled_dims(model: nn.Module, structures: StructureSet) -> dict[str, tuple
             if not isinstance(module, _TIMED):
                 continue
             d = dims.setdefault(mod_name, [False, False])
-            if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:  # depthwise: in = out
+            if _depthwise(module):  # in = out
                 d[0] = d[1] = True
             else:
                 d[1 if s.dim == 0 else 0] = True
@@ -151,11 +152,18 @@ def _input_shapes(model: nn.Module, names: Sequence[str], example_inputs: Any) -
     return shapes
 
 
+def _depthwise(module: nn.Module) -> bool:
+    """A conv whose every input channel is its own group (in = out channels, one filter each)."""
+    return (isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
+            and module.groups == module.in_channels == module.out_channels)
+
+
 def _make_layer(module: nn.Module, cin: int, cout: int) -> nn.Module:
     """A fresh layer like ``module`` with ``cin`` inputs and ``cout`` outputs (random weights: time only)."""
     if isinstance(module, nn.Linear):
         return nn.Linear(cin, cout, bias=module.bias is not None)
-    groups = cin if module.groups > 1 else 1  # depthwise stays depthwise
+    # depthwise stays depthwise; a grouped conv keeps its groups where the widths allow (else their largest divisor)
+    groups = cin if _depthwise(module) else math.gcd(math.gcd(cin, cout), module.groups)
     return type(module)(cin, cout, module.kernel_size, stride=module.stride, padding=module.padding,
                         dilation=module.dilation, groups=groups, bias=module.bias is not None,
                         padding_mode=module.padding_mode)
@@ -266,7 +274,7 @@ def _measure_layer(module: nn.Module, shape: tuple[int, ...], coupled: tuple[boo
         return float(timer(_make_layer(module, cin, cout).eval(), torch.randn(*_resize(shape, cin, linear))))
 
     ins = _grid(cin_full, step, max_points) if coupled[0] else [cin_full]
-    if not linear and module.groups > 1:  # depthwise: one width; the time depends on it alone
+    if not linear and _depthwise(module):  # one width; the time depends on it alone
         return LayerTimes(ins, list(ins), [[time_at(c, c)] * len(ins) for c in ins])
     outs = _grid(cout_full, step, max_points) if coupled[1] else [cout_full]
     return LayerTimes(ins, outs, [[time_at(cin, cout) for cout in outs] for cin in ins])

@@ -263,7 +263,7 @@ class CostModel:
     def _init_latency(self, model: nn.Module, table: "LatencyTable") -> None:
         # per timed layer: for its (input, output) width, the positions owned by no group and the slices of its
         # weight's dimension, and the groups it depends on
-        self._layer_dims: dict[str, tuple[tuple[int, tuple[int, ...]], tuple[int, tuple[int, ...]]]] = {}
+        self._layer_dims: dict[str, tuple[tuple[int, tuple[int, ...], int], tuple[int, tuple[int, ...], int]]] = {}
         self.group_layers: list[list[str]] = [[] for _ in self.sizes]
         modules = dict(model.named_modules())
         for name in table.layers:
@@ -281,15 +281,22 @@ class CostModel:
             transposed = isinstance(m, nn.modules.conv._ConvNd) and m.transposed
             out_dim, in_dim = (1, 0) if transposed else (0, 1)
             out_ids = tuple(dims.get(out_dim, ()))
-            depthwise = isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == full_in
+            groups = m.groups if isinstance(m, nn.modules.conv._ConvNd) else 1
+            depthwise = groups > 1 and groups == full_in == full_out
             in_ids = out_ids if depthwise else tuple(dims.get(in_dim, ()))
+            # a grouped conv's weight holds in_channels / groups input positions: the width is groups times that
+            in_scale = 1 if depthwise or groups == 1 or not in_ids else groups
 
-            def free(full: int, ids: tuple[int, ...]) -> int:
-                return full - sum(self.slices[s].total for s in ids)
+            def free(full: int, ids: tuple[int, ...], scale: int = 1) -> int:
+                return full // scale - sum(self.slices[s].total for s in ids)
 
-            self._layer_dims[name] = ((free(full_in, in_ids), in_ids), (free(full_out, out_ids), out_ids))
+            self._layer_dims[name] = ((free(full_in, in_ids, in_scale), in_ids, in_scale),
+                                      (free(full_out, out_ids), out_ids, 1))
             for gi in sorted({self.slices[s].group for s in in_ids + out_ids}):
                 self.group_layers[gi].append(name)
+            if self._widths([sl.total for sl in self.slices], [name])[name] != (full_in, full_out):
+                raise ValueError(f"cannot follow the widths of {name!r} through the groups (a layer type the latency "
+                                 "model does not know); plan with budget='params' or 'flops'")
 
     # -- kept positions
 
@@ -373,7 +380,7 @@ class CostModel:
 
     def _widths(self, kept: Sequence[int], names: Sequence[str] | None = None) -> dict[str, tuple[int, int]]:
         dims = self._layer_dims
-        return {n: tuple(extra + sum(kept[s] for s in ids) for extra, ids in dims[n])  # type: ignore[misc]
+        return {n: tuple(scale * (extra + sum(kept[s] for s in ids)) for extra, ids, scale in dims[n])  # type: ignore[misc]
                 for n in (names or dims)}
 
     def latency_ms(self, alive: Sequence[int] | None = None, *,
@@ -740,12 +747,12 @@ class _Knapsack:
             table = self.cost.latency_table
             for name in self.units[gi]:
                 widths = []
-                for extra, ids in self.cost._layer_dims[name]:
+                for extra, ids, scale in self.cost._layer_dims[name]:
                     w = np.full(len(rs), float(extra + sum(kept[s] for s in ids if slices[s].group != gi)))
                     for s in ids:
                         if slices[s].group == gi:
                             w = w + self.kept_curve[s][rs]
-                    widths.append(w)
+                    widths.append(scale * w)
                 lt = table.layers[name]
                 out += np.array([lt(a, b) for a, b in zip(*widths)])
             return out
