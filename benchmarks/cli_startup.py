@@ -79,7 +79,7 @@ def time_one(args: list[str]) -> dict:
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     lines = [ln for ln in (res.stderr or res.stdout).splitlines() if ln.strip()]
-    message = next((ln for ln in lines if "error" in ln), lines[0] if lines else "")
+    message = next((ln for ln in lines if "error:" in ln), lines[0] if lines else "")
     return {"exit": res.returncode, "message": message[:200], "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
             "traceback": "Traceback" in res.stderr}
 

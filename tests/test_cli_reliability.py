@@ -450,3 +450,25 @@ def test_a_hugging_face_image_classifier_folder_prunes_and_eval_reloads_it(small
     assert result["test_accuracy"] == pytest.approx(report["accuracy"]["after_oneshot"], abs=1e-12)
     assert run(*_npz_prune(small_npz, tmp_path / "y", "--hf-vision", tmp_path)) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_sensitivity_writes_valid_json_and_refuses_non_finite_scores(data_dir, weights, tmp_path, capsys,
+                                                                       monkeypatch):
+    import haprune.estimate
+
+    args = ["sensitivity", "--model", "resnet20", "--weights", weights, "--data-dir", data_dir, "--criterion", "l2",
+            "--calib-batches", "1", "--calib-batch-size", "16", "--quiet"]
+    assert run(*args, "--out", tmp_path / "s.json") == 0
+    scores = json.loads((tmp_path / "s.json").read_text())  # strict JSON: no NaN tokens
+    assert scores and all(isinstance(v, (int, float)) for g in scores.values() for v in g["score"])
+    real = haprune.estimate.estimate
+
+    def nan_estimate(*a, **k):
+        sens = real(*a, **k)
+        sens.scores[3] = float("nan")
+        return sens
+
+    monkeypatch.setattr(haprune.estimate, "estimate", nan_estimate)
+    assert run(*args, "--out", tmp_path / "t.json") == 2
+    assert "gave 1 NaN or infinite scores" in capsys.readouterr().err
+    assert not (tmp_path / "t.json").exists()

@@ -184,3 +184,21 @@ def test_atomic_write_json_can_refuse_nan(tmp_path):
     with pytest.raises(ValueError):
         atomic_write_json(tmp_path / "x.json", {"a": float("nan")}, allow_nan=False)
     assert not (tmp_path / "x.json").exists()
+
+
+def test_read_safetensors_header_checks_the_whole_file_without_torch(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from haprune._fileio import read_safetensors_header
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.zeros(3, 2), "b": torch.ones(4, dtype=torch.int32)}, path, metadata={"k": "v"})
+    header = read_safetensors_header(path)
+    assert header["a"]["dtype"] == "F32" and header["b"]["shape"] == [4] and header["__metadata__"] == {"k": "v"}
+    raw = path.read_bytes()
+    for damaged, why in ((b"", "empty"), (raw[:-4], "truncated"), (raw + b"\0" * 8, "truncated or damaged"),
+                         (b"\x10" + b"\0" * 7 + b"not json at all!", "not JSON"), (raw[:6], "only 6 bytes")):
+        path.write_bytes(damaged)
+        with pytest.raises(ValueError, match=f"w.safetensors is not a readable safetensors file.*{why}"):
+            read_safetensors_header(path)

@@ -69,6 +69,46 @@ def atomic_save_safetensors(
     atomic_write_bytes(path, _safetensors_bytes(plain, metadata=dict(metadata) if metadata else None))
 
 
+def read_safetensors_header(path: PathLike) -> Dict[str, Any]:
+    """The JSON header of a safetensors file, checked to describe the whole file, without importing torch.
+
+    Returns ``{name: {"dtype", "shape", "data_offsets"}, "__metadata__": {...}}``. Raises ValueError, naming the
+    file, when it is empty, truncated, padded, or not safetensors at all (the cheap check the command line runs
+    before the seconds of importing torch)."""
+    target = Path(path)
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{target} is not a readable safetensors file ({why}); pass the .safetensors file of the "
+                          "trained model, or re-save it")
+
+    size = target.stat().st_size
+    if size < 8:
+        raise bad("empty" if size == 0 else f"only {size} bytes")
+    with open(target, "rb") as handle:
+        n = int.from_bytes(handle.read(8), "little")
+        if n > size - 8 or n > 100_000_000:
+            raise bad(f"header length {n} does not fit a file of {size} bytes: truncated or not safetensors")
+        raw = handle.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise bad("the header is not JSON") from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1] or not isinstance(entry.get("dtype"), str)):
+            raise bad(f"malformed entry for tensor {name!r}")
+        end = max(end, offsets[1])
+    if end != size - 8 - n:
+        raise bad(f"the header describes {end} bytes of tensor data but {size - 8 - n} follow: truncated or damaged")
+    return header
+
+
 def _fsync_directory(directory: Path) -> None:
     """Persist a rename on file systems that need the directory fsynced (best effort: not all platforms can)."""
     try:
@@ -293,5 +333,6 @@ def _recover_interrupted_swap(work: Path, final: Path) -> None:
         os.replace(olds[-1], final)
 
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_save_safetensors", "RUN_FILE",
+__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_save_safetensors",
+           "read_safetensors_header", "RUN_FILE",
            "RunFolder", "RunFolderError", "looks_like_run", "new_run_id", "run_folder", "work_dir"]

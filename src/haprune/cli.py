@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
-from ._fileio import RUN_FILE, RunFolderError, atomic_write_json, run_folder
+from ._fileio import RUN_FILE, RunFolderError, atomic_write_json, read_safetensors_header, run_folder
 
 MODEL_SPEC = "model.json"
 RUN_ID_KEY = "haprune.run_id"  # safetensors metadata key holding the run id of a run folder's weights
@@ -248,10 +248,16 @@ def _check_weights_path(weights: str | None, source: dict[str, Any]) -> None:
     path = Path(weights)
     if path.is_dir():
         raise CLIError(f"--weights {weights} is a folder; pass the .safetensors file")
-    if not path.exists() and not list(path.parent.glob(path.stem + "-*")):
+    shards = sorted(path.parent.glob(f"{path.stem}-[0-9]*-of-[0-9]*{path.suffix}"))
+    if not path.exists() and not shards:
         hint = f"train one with `haprune train --model {source['model']}`" if source["source"] == "registry" else \
             "save the trained model's state_dict with haprune.io.save_weights or safetensors.torch.save_file"
         raise CLIError(f"weights file {weights} not found; {hint}")
+    for file in [path] if path.exists() else shards:  # readable and complete, before importing torch
+        try:
+            read_safetensors_header(file)
+        except (OSError, ValueError) as e:
+            raise CLIError(f"--weights: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------------ data
