@@ -7,7 +7,8 @@ the first line of its message, its wall-clock time and its CPU time (user + syst
 a shared machine is steadier than wall-clock time). Uses checkpoints/resnet20-fmnist.safetensors and the installed
 Fashion-MNIST (Debian dataset-fashion-mnist).
 
-    python benchmarks/cli_startup.py            # writes docs/results/cli_startup.json and prints a table
+    python benchmarks/cli_startup.py              # writes docs/results/cli_startup.json, the table in docs/reliability.md
+    python benchmarks/cli_startup.py --table-only # only rewrites the table from the JSON
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ sys.path.insert(0, str(ROOT / "src"))
 from haprune._fileio import atomic_write_json  # noqa: E402
 
 OUT = ROOT / "docs" / "results" / "cli_startup.json"
+DOC = ROOT / "docs" / "reliability.md"
+BEGIN, END = "<!-- cli_startup table: benchmarks/cli_startup.py -->", "<!-- end cli_startup table -->"
 WEIGHTS = ROOT / "checkpoints" / "resnet20-fmnist.safetensors"
 WEIGHTS56 = ROOT / "checkpoints" / "resnet56-fmnist.safetensors"
 
@@ -84,11 +87,46 @@ def time_one(args: list[str]) -> dict:
             "traceback": "Traceback" in res.stderr}
 
 
+def markdown(result: dict) -> str:
+    """The table of docs/reliability.md, from the JSON."""
+    lines = [f"Measured {result.get('measured_at', '?')} on {result['cpu_count']} cores at load average "
+             f"{result['load_average'][0]:.1f} (other jobs running), best of {result['repeats']} runs per case. "
+             "CPU = user + system seconds of the `haprune` process; wall time on this shared machine is dominated "
+             "by waiting for a core.", "",
+             "| Case | Exit | CPU s | Wall s | Within limit (CPU) | Message |", "|---|---|---|---|---|---|"]
+    for r in result["cases"]:
+        msg = r["message"].replace("|", "\\|")
+        for tmp in {a for a in r["args"] if a.startswith("/tmp/")}:
+            msg = msg.replace(str(Path(tmp).parent), "<tmp>")
+        lines.append(f"| {r['case']} | {r['exit']} | {r['cpu_s']:.2f} | {r['wall_s']:.2f} | "
+                     f"{'yes' if r['ok'] else 'NO'} (< {r['limit_cpu_s']:g} s) | {msg[:110]} |")
+    lines.append("")
+    lines.append(f"All cases within their limits: {'yes' if result['all_ok'] else 'no'}.")
+    return "\n".join(lines)
+
+
+def write_table(result: dict) -> None:
+    text = DOC.read_text()
+    if BEGIN not in text or END not in text:
+        print(f"{DOC} has no {BEGIN} ... {END} block; table not written")
+        return
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    from haprune._fileio import atomic_write_text
+
+    atomic_write_text(DOC, f"{head}{BEGIN}\n{markdown(result)}\n{END}{tail}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="runs per case; the fastest is kept")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--table-only", action="store_true", help="rewrite the table of docs/reliability.md from "
+                        "the JSON without measuring")
     a = parser.parse_args()
+    if a.table_only:
+        write_table(json.loads(a.out.read_text()))
+        return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, args, limit in cases(Path(tmp)):
@@ -101,11 +139,13 @@ def main() -> None:
             rows.append(row)
             print(f"{name:45s} exit {row['exit']}  cpu {row['cpu_s']:.2f} s  wall {row['wall_s']:.2f} s  "
                   f"{'ok' if row['ok'] else 'OVER'}  {row['message'][:90]}")
-    result = {"python": sys.version.split()[0], "cpu_count": os.cpu_count(),
+    result = {"measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "python": sys.version.split()[0], "cpu_count": os.cpu_count(),
               "load_average": list(os.getloadavg()), "repeats": a.repeats, "cases": rows,
               "all_ok": all(r["ok"] for r in rows)}
     atomic_write_json(a.out, result)
-    print(f"all within their limits: {result['all_ok']} -> {a.out}")
+    write_table(result)
+    print(f"all within their limits: {result['all_ok']} -> {a.out}, {DOC}")
 
 
 if __name__ == "__main__":
