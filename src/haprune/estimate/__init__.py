@@ -100,8 +100,8 @@ def choose_auto(model: nn.Module, batches: list[Batch], loss: str = "cross_entro
         return "hutchinson", f"loss {loss!r}: the GGN and Fisher shortcuts are wired for cross-entropy", facts
     if bad and not err:
         return "fisher", (f"ops not piecewise linear in each parameter ({', '.join(bad[:5])}): GGN is not exact; "
-                          "the importance-sampled Fisher ranks about as well as a long Hutchinson run per pruning "
-                          "accuracy at a small fraction of its time"), facts
+                          "the importance-sampled Fisher prunes about as well as Hutchinson (one-shot accuracy, "
+                          "docs/results/performance.md) at a small fraction of its time"), facts
     if bad:
         return "fisher", (f"ops not piecewise linear in each parameter ({', '.join(bad[:5])}) and no second "
                           f"derivative for Hutchinson ({err}): importance-sampled Fisher"), facts
