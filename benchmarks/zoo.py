@@ -342,6 +342,9 @@ def _torch_pruning(name: str, x, xs, dense_p: int, dense_f: int) -> dict[str, An
 # ------------------------------------------------------------------------------------------------ driver
 
 def _child(args) -> None:
+    import torch
+
+    torch.set_num_threads(1)
     out = Path(args.child_out)
     try:
         rec = run_prune(args.one, args.auto_budget, args.auto_timeout)
@@ -350,22 +353,32 @@ def _child(args) -> None:
     out.write_text(json.dumps(rec, default=str))
 
 
-def _run_child(name: str, timeout: float, budget: float, auto_timeout: float) -> dict[str, Any]:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        out = Path(f.name)
-    cmd = [sys.executable, __file__, "--one", name, "--child-out", str(out), "--auto-budget", str(budget),
-           "--auto-timeout", str(auto_timeout)]
-    t = time.perf_counter()
-    try:
-        subprocess.run(cmd, timeout=timeout, check=False, cwd=ROOT)
-        text = out.read_text()
-        rec = json.loads(text) if text.strip() else {"error": "the step wrote no result (crashed?)"}
-    except subprocess.TimeoutExpired:
-        rec = {"error": f"timed out after {timeout:.0f} s (hard limit of this benchmark)"}
-    finally:
-        out.unlink(missing_ok=True)
-    rec.setdefault("wall_seconds", round(time.perf_counter() - t, 1))
-    return rec
+class _Child:
+    """One model's run in a subprocess (one torch thread), with a wall-clock limit."""
+
+    def __init__(self, name: str, timeout: float, budget: float, auto_timeout: float):
+        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+            self.out = Path(f.name)
+        self.name, self.timeout, self.start = name, timeout, time.perf_counter()
+        cmd = [sys.executable, __file__, "--one", name, "--child-out", str(self.out), "--auto-budget", str(budget),
+               "--auto-timeout", str(auto_timeout)]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    def result(self) -> dict[str, Any] | None:
+        """The record once the run ended (or was killed at its limit), else None."""
+        elapsed = time.perf_counter() - self.start
+        if self.proc.poll() is None:
+            if elapsed < self.timeout:
+                return None
+            self.proc.kill()
+            self.proc.wait()
+            rec = {"error": f"timed out after {self.timeout:.0f} s wall (hard limit of this benchmark)"}
+        else:
+            text = self.out.read_text() if self.out.is_file() else ""
+            rec = json.loads(text) if text.strip() else {"error": f"the run wrote no result (exit {self.proc.returncode})"}
+        self.out.unlink(missing_ok=True)
+        rec.setdefault("wall_seconds", round(elapsed, 1))
+        return rec
 
 
 def _load() -> dict[str, Any]:
@@ -389,6 +402,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--auto-timeout", type=float, default=600.0,
                    help="hard limit (wall) of the auto step, seconds; it is interrupted then")
     p.add_argument("--timeout", type=float, default=1800.0, help="hard limit (wall) per model, seconds")
+    p.add_argument("--jobs", type=int, default=3, help="models run at once (one torch thread each)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -401,19 +415,30 @@ def main(argv: list[str] | None = None) -> None:
         unknown = [n for n in names if n not in MODEL_NAMES]
         if unknown:
             p.error(f"unknown model(s) {unknown}; choose from {', '.join(MODEL_NAMES)}")
-        for name in names:
-            if name in data["models"] and not args.force:
-                print(f"{name}: done already (--force to re-run)", flush=True)
-                continue
-            print(f"{name}: running", flush=True)
-            rec = _run_child(name, args.timeout, args.auto_budget, args.auto_timeout)
-            rec["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-            data["models"][name] = rec
-            data["settings"] = {"image": IMAGE, "target": TARGET, "implant_ratio": IMPLANT_RATIO,
-                                "auto_budget_s": args.auto_budget, "auto_hard_limit_s": args.auto_timeout, "tp_pruning_ratio": round(TP_RATIO, 4),
-                                "command": "nice -n 10 .venv/bin/python benchmarks/zoo.py"}
-            _save(data)
-            print(f"{name}: {json.dumps(_row(name, rec))}", flush=True)
+        todo = [n for n in names if args.force or n not in data["models"]]
+        for name in sorted(set(names) - set(todo)):
+            print(f"{name}: done already (--force to re-run)", flush=True)
+        running: list[_Child] = []
+        while todo or running:
+            while todo and len(running) < args.jobs:
+                name = todo.pop(0)
+                print(f"{name}: running", flush=True)
+                running.append(_Child(name, args.timeout, args.auto_budget, args.auto_timeout))
+            time.sleep(2)
+            for child in list(running):
+                rec = child.result()
+                if rec is None:
+                    continue
+                running.remove(child)
+                rec["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+                data["models"][child.name] = rec
+                data["settings"] = {"image": IMAGE, "target": TARGET, "implant_ratio": IMPLANT_RATIO,
+                                    "auto_budget_s": args.auto_budget, "auto_hard_limit_s": args.auto_timeout,
+                                    "tp_pruning_ratio": round(TP_RATIO, 4), "torch_threads": 1,
+                                    "command": "nice -n 10 .venv/bin/python benchmarks/zoo.py"}
+                _save(data)
+                write_table(data)
+                print(f"{child.name}: {json.dumps(_row(child.name, rec))}", flush=True)
     write_table(data)
 
 

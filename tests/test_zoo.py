@@ -187,6 +187,7 @@ def test_build_structures_leaves_a_train_mode_model_bit_identical(name):
     assert state2.keys() == state.keys()
     changed = [k for k in state if not torch.equal(state[k], state2[k])]
     assert changed == []
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()), "a hook was left behind"
 
 
 # ------------------------------------------------------------------------------------------- generated plans

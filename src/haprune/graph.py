@@ -47,6 +47,9 @@ __all__ = [
     "NothingPrunableError",
     "UnsupportedLayerError",
     "UnsupportedModelError",
+    "GroupedChannelsError",
+    "CheckedDependencyGraph",
+    "build_dependency_graph",
     "default_ignored_layers",
     "run_forward",
     "output_shapes",
@@ -332,13 +335,46 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+class GroupedChannelsError(ValueError):
+    """Channels removed from a grouped convolution unevenly: Torch-Pruning would slice the wrong weights."""
+
+
+class CheckedDependencyGraph(tp.DependencyGraph):
+    """Torch-Pruning's dependency graph, refusing a removal that its grouped-convolution rule cannot slice.
+
+    Torch-Pruning removes input channels of a grouped convolution by keeping the first columns of its weight,
+    which is right only when the same positions go from every block of ``channels / groups``; anything else
+    would silently keep the wrong weights (or fail later). Remove whole bundles: :meth:`Group.channels`."""
+
+    def get_pruning_group(self, module, pruning_fn, idxs):
+        group = super().get_pruning_group(module, pruning_fn, idxs)
+        for item in group:
+            target = item.dep.target.module
+            groups = _conv_groups(target) if isinstance(target, nn.Module) else 1
+            if groups <= 1 or not len(item.idxs):
+                continue
+            is_out = self.is_out_channel_pruning_fn(item.dep.handler)
+            width = (target.out_channels if is_out else target.in_channels) // groups
+            per_block: dict[int, set[int]] = {}
+            for p in item.idxs:
+                per_block.setdefault(int(p) // width, set()).add(int(p) % width)
+            if len(per_block) != groups or len({frozenset(v) for v in per_block.values()}) != 1:
+                name = self._module2name.get(target, type(target).__name__)
+                raise GroupedChannelsError(
+                    f"removing channels {sorted(int(p) for p in item.idxs)[:8]}... of {name!r} (groups={groups}) "
+                    f"unevenly across its {groups} blocks; the same positions must go from every block: remove "
+                    f"whole bundles, Group.channels(structure indices)")
+        return group
+
+
 def build_dependency_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
     """Trace ``model`` with Torch-Pruning (in eval mode, so BatchNorm statistics are not touched; flags restored).
 
     Bare ``nn.Parameter`` tensors used in forward code become Torch-Pruning "unwrapped parameters", sliced along
-    their last non-singleton dimension (Torch-Pruning's default); :func:`build_structures` checks the result."""
+    their last non-singleton dimension (Torch-Pruning's default); :func:`build_structures` checks the result.
+    The graph is a :class:`CheckedDependencyGraph`: an uneven removal from a grouped convolution is an error."""
     with eval_mode(model), torch.enable_grad():
-        return tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+        return CheckedDependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
 
 
 def _conv_groups(module: nn.Module) -> int:
