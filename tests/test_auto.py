@@ -154,19 +154,31 @@ def test_auto_completes_fast_on_non_piecewise_linear_nets_and_says_why(name, cap
 
 
 def test_double_backward_trial_finds_hardsigmoid_and_fused_attention():
-    for name, missing in (("hardswish_se", "hardsigmoid"), ("attention_sdpa", "attention")):
-        net = NETS[name]()
-        batches = data()
-        S = build_structures(net, batches[0][0][:1])
-        s = estimate(net, S, batches, "auto", progress=False)
-        assert s.info["auto"]["double_backward"].startswith("unsupported: ") and missing in \
-            s.info["auto"]["double_backward"], s.info["auto"]["double_backward"]
-        # asked for explicitly, Hutchinson refuses before any probe, with the alternatives
-        with pytest.raises(ModelCheckError, match="hutchinson needs a second derivative.*use criterion 'fisher'"):
-            estimate(net, S, batches, "hutchinson", progress=False, max_probes=4)
-        # with a custom loss, auto has nothing that can run and says what to use
-        with pytest.raises(ModelCheckError, match="custom loss only Hutchinson applies.*'taylor'"):
-            estimate(net, S, batches, "auto", progress=False, loss_fn=F.cross_entropy)
+    from haprune.estimate.base import default_loss, double_backward_error
+
+    net = NETS["hardswish_se"]()
+    batches = data()
+    S = build_structures(net, batches[0][0][:1])
+    s = estimate(net, S, batches, "auto", progress=False)
+    db = s.info["auto"]["double_backward"]
+    assert db.startswith("unsupported: ") and "hardsigmoid" in db, db
+    # asked for explicitly, Hutchinson refuses before any probe, with the alternatives
+    with pytest.raises(ModelCheckError, match="hutchinson needs a second derivative.*use criterion 'fisher'"):
+        estimate(net, S, batches, "hutchinson", progress=False, max_probes=4)
+    # with a custom loss, auto has nothing that can run and says what to use
+    with pytest.raises(ModelCheckError, match="custom loss only Hutchinson applies.*'taylor'"):
+        estimate(net, S, batches, "auto", progress=False, loss_fn=F.cross_entropy)
+
+    # torch's fused attention has no second derivative either; the trial differentiates with respect to the
+    # structures' parameters only, as Hutchinson does: here the prunable group is the MLP after the attention, whose
+    # Hessian needs no derivative through it, so Hutchinson runs
+    net = NETS["attention_sdpa"]()
+    assert "attention" in double_backward_error(net, batches[0], list(net.parameters()), default_loss)
+    S = build_structures(net, batches[0][0][:1])
+    assert estimate(net, S, batches, "auto", progress=False).info["auto"]["double_backward"] == "supported"
+    h = estimate(net, S, batches, "hutchinson", progress=False, max_probes=4, min_probes=4)
+    assert torch.isfinite(h.scores).all()
+
     net = NETS["gelu"]()
     S = build_structures(net, data()[0][0][:1])
     assert estimate(net, S, data(), "auto", progress=False).info["auto"]["double_backward"] == "supported"
@@ -182,7 +194,9 @@ def test_hutchinson_time_budget_ends_an_unreachable_run_and_reports_reliability(
     elapsed = time.perf_counter() - t0
     assert s.info["stopped_by"] == ["time_budget", "time_budget"]
     assert all(n < 100_000 and n % 2 == 0 for n in s.info["probes_per_batch"])
-    assert all(-1 <= r < 0.99999 for r in s.info["reliability_per_batch"])
+    # the reliability reached is reported (with a few probes on 20 structures it can already be high: the budget
+    # ended the run before the rule's first check at min_probes)
+    assert len(s.info["reliability_per_batch"]) == 2 and all(-1 <= r <= 1 for r in s.info["reliability_per_batch"])
     assert elapsed < 60, elapsed  # about 1 s of probing, plus the passes; generous for a loaded machine
     # without a budget the cap or the rule ends it, and says which
     s = estimate(net, S, batches, "hutchinson", progress=False, max_probes=8, min_probes=8)
