@@ -194,7 +194,9 @@ def run_cell(b: Bench, criterion: str, budget: str, target: float, seed: int, va
         record["accuracy"] = {"bn": b.test_accuracy(pruned)}
     else:
         mode = "dense-inputs" if variant == "dense-inputs" else "sequential"
-        opts = {"layers": "all"} if variant == "seq-all" else {}
+        # "seq": only the narrowed / implanted layers; "seq-all": every layer (what the default refits, less the
+        # layers whose input is still the dense one, which reproduce themselves)
+        opts = {"layers": "all"} if variant == "seq-all" else {"layers": "changed"}
         pruned = apply_plan(b.dense, plan, b.x1, structures=b.S, calibration=calib, compensate=mode,
                             compensate_options=opts)
         info = pruned.haprune_compensation
@@ -234,6 +236,25 @@ def paired(a: dict[int, float], b: dict[int, float]) -> str:
     h = T95[len(d) - 1] * sd / math.sqrt(len(d))
     return f"{m:+.2f} pp [{m - h:+.2f}, {m + h:+.2f}] (n = {len(d)})"
 
+
+METHOD = [
+    "## What was run", "",
+    "- `seq`: `apply_plan(..., compensate=True)`: every layer whose input was narrowed (and every implanted layer) is "
+    "refit by float64 ridge least squares (ridge 1e-4 relative) so that it reproduces the dense layer's output on the "
+    "calibration images, in forward order on the pruned model's own compensated inputs (one lockstep forward pass of "
+    "both models); the intercept goes into the following BatchNorm's running mean. `seq-all`: every Conv/Linear "
+    "refit (`compensate_options={'layers': 'all'}`). `dense-inputs`: the classical variant (fit on the dense "
+    "model's activations of the kept channels). `+ BN`: BatchNorm statistics re-estimated on the same calibration "
+    "images afterwards.",
+    "- Criteria: `hap` = exact GGN diagonal with the paper's score (what `estimate(..., 'auto')` resolves to here); "
+    "`l2`; `obs` = structured OBS saliency summed over a group's consumer layers (`haprune.estimate.obs`); `obs-ggn` "
+    "= the same, each consumer output row weighted by its GGN output curvature (loss units: the combination of the "
+    "layer-local surgeon cost with the global curvature); `hap+ni` = hap with 10% Neural Implants (plain: "
+    "least-squares init with the per-layer zero fallback; seq: implants fit on the compensated inputs and used by "
+    "the consumer as regressors). One plan per (criterion, target, seed), shared by all variants.",
+    "- Time: seconds of the sensitivity pass and of the compensation, on the same shared 2-core CPU under heavy "
+    "load from other jobs (load averages 20-40, recorded per cell); the GGN pass of a seed may be computed in parts "
+    "side by side (`--ggn-part`), its time being the sum of the parts'.", ""]
 
 GOALS = {("params", 0.5): 0.935, ("params", 0.7): 0.90}
 BEFORE = {("params", 0.5): 0.912, ("params", 0.7): 0.611}  # the issue's best one-shot figures before this work
@@ -281,7 +302,7 @@ def write(cells: list[dict]) -> None:
              "protocol); `seq` = sequential compensation (dense BatchNorm statistics kept), `seq+bn` = then BatchNorm "
              "re-estimated; `seq-all` = every Conv/Linear refit, not only the narrowed ones; `dense-inputs` = the "
              "classical variant. Accuracy in %, mean over the seeds run (their number in brackets).", ""]
-    lines += goals(cells)
+    lines += METHOD + goals(cells)
     groups: dict = {}
     for c in cells:
         groups.setdefault((c["budget"], c["target"], c["calibration"]["images"]), {}).setdefault(
@@ -318,6 +339,8 @@ def write(cells: list[dict]) -> None:
         for crit in crits:
             if accs(crit, "seq", "nobn") and accs(crit, "plain", "bn"):
                 pairs.append((f"{crit}: seq vs plain", paired(accs(crit, "seq", "nobn"), accs(crit, "plain", "bn"))))
+            if accs(crit, "seq", "bn") and accs(crit, "plain", "bn"):
+                pairs.append((f"{crit}: seq + BN vs plain", paired(accs(crit, "seq", "bn"), accs(crit, "plain", "bn"))))
             if accs(crit, "seq", "bn") and accs(crit, "seq", "nobn"):
                 pairs.append((f"{crit}: seq + BN vs seq", paired(accs(crit, "seq", "bn"), accs(crit, "seq", "nobn"))))
         for a, b_ in (("hap", "l2"), ("obs-ggn", "l2"), ("obs-ggn", "obs"), ("obs-ggn", "hap"), ("hap+ni", "hap")):

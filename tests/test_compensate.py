@@ -263,7 +263,8 @@ def test_implant_rows_fit_on_the_centre_tap_and_feed_the_consumer():
                         compensate_options={"ridge": 0.0})
     info = pruned.haprune_compensation
     assert info["implants_fit"] == ["layers.0.conv1"]
-    assert info["layers"] == ["layers.0.conv1", "layers.0.conv2"]
+    assert info["layers"][:2] == ["layers.0.conv1", "layers.0.conv2"]  # then the layers downstream of the change
+    assert "stem" not in info["layers"]  # its input is the dense one: not refit
     imp = pruned.get_submodule("layers.0.conv1")
     # the implant row is the least-squares 1x1 fit of the dense channel 2 on the (unchanged) block input
     feats = {}
@@ -272,3 +273,25 @@ def test_implant_rows_fit_on_the_centre_tap_and_feed_the_consumer():
     xin = feats["x"].permute(0, 2, 3, 1).reshape(-1, 6)
     w, b = _lstsq(xin, feats["y"][:, [2]].permute(0, 2, 3, 1).reshape(-1, 1).detach())
     torch.testing.assert_close(imp.implant.weight.detach().reshape(1, 6), w, rtol=1e-7, atol=1e-9)
+
+
+def test_default_refits_downstream_layers_and_changed_only_the_narrowed_ones():
+    torch.manual_seed(0)
+    net = make_net(2, widths=(4, 6), blocks=2).eval()
+    x = torch.randn(1, 1, 10, 10)
+    S = build_structures(net, x)
+    g = S["layers.0.conv1"]
+    plan = Plan.identity(S)
+    plan.groups[g.name] = GroupPlan(g.size, remove=[0, 1])
+    calib = [(torch.randn(48, 1, 10, 10), torch.zeros(48, dtype=torch.long))]
+    default = apply_plan(net, plan, x, structures=S, calibration=calib, compensate=True).haprune_compensation
+    changed = apply_plan(net, plan, x, structures=S, calibration=calib, compensate=True,
+                         compensate_options={"layers": "changed"}).haprune_compensation
+    assert changed["layers"] == ["layers.0.conv2"]
+    order = [n for n, m in net.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    downstream = order[order.index("layers.0.conv2"):]
+    assert default["layers"] == [n for n in downstream if n in default["layers"]]
+    assert {"layers.0.conv2", "layers.1.conv1", "fc"} <= set(default["layers"])
+    assert "stem" not in default["layers"] and "layers.0.conv1" not in default["layers"]
+    with pytest.raises(ValueError, match="layers must be"):
+        compensate(net, copy.deepcopy(net), calib, layers="some")

@@ -12,7 +12,8 @@ Where the layer has no bias and feeds a BatchNorm, the intercept is folded into 
 Modes (:data:`COMPENSATE_MODES`):
 
 - ``sequential`` (default): layers refit in forward order on the pruned model's own, already compensated inputs,
-  so later layers correct the errors of earlier ones. The calibration inputs run as one batch through both models
+  so later layers correct the errors of earlier ones; by default every layer whose input differs from the dense
+  layer's is refit, not only the narrowed ones. The calibration inputs run as one batch through both models
   in lockstep (the dense model in a helper thread that stops after each target layer until the pruned model has
   used that layer's output): one forward pass of each model in all, one layer's dense output held at a time.
 - ``dense-inputs``: the classical variant (He et al. 2017, ThiNet): each layer fit on the dense model's input
@@ -393,8 +394,13 @@ def compensate(
         calibration: (inputs, targets) batches (targets unused); inputs of one shape, run as one batch.
         mode: ``sequential`` or ``dense-inputs`` (see the module docstring).
         ridge: relative ridge: ``ridge * mean(diag(X^T X))`` is added to the Gram matrix's diagonal.
-        layers: names of the layers to refit; default: every Conv2d (groups 1) / Linear whose input is narrower
-            than in ``dense``, and every implanted layer. ``"all"``: every supported layer.
+        layers: which Conv2d (groups 1) / Linear layers to refit. Default (None): in ``sequential`` mode every layer
+            whose input on the calibration data differs from the dense layer's (narrowed inputs, implanted layers,
+            and every layer downstream of a change, so each corrects the errors that reach it: measured on
+            ResNet-56 at 70% of parameters removed, L2 plan, 92.8% one-shot against 81.6% when only the narrowed
+            layers are refit; ``docs/results/compensation.md``); in ``dense-inputs`` mode the narrowed and
+            implanted layers. ``"changed"``: only the narrowed and implanted layers. ``"all"``: every supported
+            layer. Or a list of names.
         kept_inputs: layer -> the dense input channel of each of the pruned layer's input channels (needed by
             ``dense-inputs`` for narrowed layers).
         kept_outputs: layer -> the dense output channel of each of the pruned layer's output channels (inferred
@@ -429,9 +435,17 @@ def compensate(
             raise CompensationError(f"layer {n!r}: kernel {_kernel(pmods[n])} here, {d.kernel_size} in the dense model")
     kept_inputs = dict(kept_inputs or {})
     kept_outputs = dict(kept_outputs or {})
+    if layers not in (None, "all", "changed") and isinstance(layers, str):
+        raise ValueError(f"layers must be None, 'all', 'changed' or a list of layer names, got {layers!r}")
+    changed = [n for n in candidates if isinstance(pmods[n], ImplantConv2d)
+               or _in_width(pmods[n]) < _in_width(dmods[n])
+               or (n in kept_inputs and list(kept_inputs[n]) != list(range(_in_width(dmods[n]))))]
+    skip_unchanged = False  # refit only where the input differs from the dense layer's (sequential default)
     if layers == "all":
         chosen = candidates
-    elif layers is not None:
+    elif layers is None and mode == "sequential":
+        chosen, skip_unchanged = candidates, True
+    elif layers is not None and layers != "changed":
         unknown = [n for n in layers if n not in candidates]
         if unknown:
             raise CompensationError(f"layers {unknown[:3]} are not Conv2d (groups 1) / Linear layers of the pruned "
@@ -439,9 +453,8 @@ def compensate(
         wanted = set(layers)
         chosen = [n for n in candidates if n in wanted]
     else:
-        chosen = [n for n in candidates if isinstance(pmods[n], ImplantConv2d)
-                  or _in_width(pmods[n]) < _in_width(dmods[n])
-                  or (n in kept_inputs and list(kept_inputs[n]) != list(range(_in_width(dmods[n]))))]
+        chosen = changed
+    fixed = set(changed)
     x, count = _stack(calibration)
     result = CompensationResult(mode=mode, ridge=ridge, samples=count)
     if not chosen:
@@ -474,6 +487,7 @@ def compensate(
         p_bn = _following_batchnorm(pruned, chosen, probe)
         d_bn = _following_batchnorm(dense, chosen, probe)
     outs: dict[str, torch.Tensor | None] = {}
+    unknown_outputs: dict[str, CompensationError] = {}
     ins: dict[str, torch.Tensor | None] = {}
     for n in chosen:
         pm, dm = pmods[n], dmods[n]
@@ -485,7 +499,12 @@ def compensate(
         elif _out_width(pm) == _out_width(dm):
             outs[n] = None
         else:
-            outs[n] = _infer_outputs(n, dm, pm, d_bn.get(n), p_bn.get(n))
+            try:
+                outs[n] = _infer_outputs(n, dm, pm, d_bn.get(n), p_bn.get(n))
+            except CompensationError as e:
+                if not skip_unchanged or n in fixed:
+                    raise
+                unknown_outputs[n] = e  # raised only if this layer turns out to need a refit
         ins[n] = torch.as_tensor(kept_inputs[n], dtype=torch.long) if n in kept_inputs else None
 
     def regression(n: str) -> RidgeRegression:
@@ -514,9 +533,15 @@ def compensate(
                     bar.update(1)
             else:
                 def pre(mod, inp, n):
-                    name, _, y = stream.next()
+                    name, xd_in, y = stream.next()
                     if name != n:
                         raise RuntimeError(f"layer order differs between the models ({name!r} vs {n!r})")
+                    if skip_unchanged and n not in fixed and torch.equal(inp[0], xd_in):
+                        stream.done()  # same input as the dense layer: its kept rows reproduce the dense output
+                        bar.update(1)
+                        return
+                    if n in unknown_outputs:
+                        raise unknown_outputs[n]
                     reg = regression(n)
                     accumulate(n, reg, inp[0], y, None)
                     stream.done()
