@@ -235,6 +235,9 @@ def verdict(runs: dict) -> str:
                     "target (fewer than two seeds, or a paired 95% interval that contains 0), so the default stays "
                     "the raw global ranking (the behaviour every earlier result was measured with); `cost-aware` is "
                     "one argument away (`make_plan(..., allocation=\"cost-aware\")`).")
+        if settled:
+            text.append("Measured so far (no compensation): " + "; ".join(
+                f"{100 * t:.0f}%: cost-aware {100 * m:+.1f} pp against global" for t, m, _ in settled) + ".")
     else:
         better = all(m > 0 for _, m, _ in settled)
         text.append("At every target the paired interval excludes 0 and favours "
