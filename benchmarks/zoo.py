@@ -95,20 +95,20 @@ def _models() -> dict[str, tuple[str, Callable[[], Any], dict[str, Any]]]:
 
     c = dict(widths=[32, 64, 128, 256], depths=[2, 2, 2, 2])
     add("resnet18", "torchvision resnet18 (half width, 3x3 stem)",
-        lambda: zoo.ResNet(tuple(c["widths"]), tuple(c["depths"])), c)
+        lambda c=c: zoo.ResNet(tuple(c["widths"]), tuple(c["depths"])), c)
     v3 = [(1, 16, 2, 3, 0.25), (4.5, 24, 2, 3, 0), (88 / 24, 24, 1, 3, 0), (4, 40, 2, 5, 0.25), (6, 40, 1, 5, 0.25),
           (6, 40, 1, 5, 0.25), (3, 48, 1, 5, 0.25), (3, 48, 1, 5, 0.25), (6, 96, 2, 5, 0.25), (6, 96, 1, 5, 0.25),
           (6, 96, 1, 5, 0.25)]
     c = dict(blocks=[list(b) for b in v3], stem=16, head=576, hidden_fc=1024, act="Hardswish", se_gate="Hardsigmoid")
     add("mobilenet_v3_small", "torchvision mobilenet_v3_small (its block table; hardswish everywhere)",
-        lambda: zoo.MobileNet(v3, stem=16, head=576, act=nn.Hardswish, se_gate=nn.Hardsigmoid, hidden_fc=1024), c)
+        lambda v3=v3: zoo.MobileNet(v3, stem=16, head=576, act=nn.Hardswish, se_gate=nn.Hardsigmoid, hidden_fc=1024), c)
     b0 = [(1, 16, 1, 3)] + [(6, 24, 2 if i == 0 else 1, 3) for i in range(2)] + \
          [(6, 40, 2 if i == 0 else 1, 5) for i in range(2)] + [(6, 80, 2 if i == 0 else 1, 3) for i in range(3)] + \
          [(6, 112, 1, 5) for _ in range(3)] + [(6, 192, 2 if i == 0 else 1, 5) for i in range(4)] + [(6, 320, 1, 3)]
     b0 = [(e, o, s, k, 0.25 / e) for e, o, s, k in b0]  # SE squeeze = input channels / 4
     c = dict(blocks=[list(b) for b in b0], stem=32, head=1280, act="SiLU")
     add("efficientnet_b0", "torchvision efficientnet_b0 (its block table)",
-        lambda: zoo.MobileNet(b0, stem=32, head=1280, act=nn.SiLU, se_act=nn.SiLU), c)
+        lambda b0=b0: zoo.MobileNet(b0, stem=32, head=1280, act=nn.SiLU, se_act=nn.SiLU), c)
     c = dict(growth=16, blocks=[6, 12, 24, 16], stem=32, bn_size=4)
     add("densenet121", "torchvision densenet121 (its 6-12-24-16 blocks, growth 16, stem 32)",
         lambda: zoo.DenseNet(16, (6, 12, 24, 16), 32, 4), c)
@@ -560,8 +560,9 @@ def write_table(data: dict[str, Any]) -> None:
             d = r.get("dense", {})
             cfg = json.dumps(r.get("config", {}), separators=(",", ":"))
             cfg = cfg if len(cfg) < 160 else cfg[:157] + "..."
-            lines.append(f"| {n} | {r.get('stands_for', '')} | {d.get('params', '-'):,} | "
-                         f"{d.get('flops', 0) / 1e6:.1f} | `{cfg}` |")
+            params = f"{d['params']:,}" if "params" in d else "-"
+            flops = f"{d['flops'] / 1e6:.1f}" if "flops" in d else "-"
+            lines.append(f"| {n} | {r.get('stands_for', '')} | {params} | {flops} | `{cfg}` |")
     lines += ["", "## Errors, refusals and notes", ""]
     for n in MODEL_NAMES:
         if n in models:

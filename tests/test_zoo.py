@@ -219,11 +219,11 @@ def _implantable(name: str) -> bool:
 def test_implants_merge_and_save_load_round_trip(name, tmp_path):
     model, x, s, cost = _setup(name)
     plan = None
-    for seed in range(5):
-        plan = _plan(name, seed, 0.5, implant_ratio=0.5 if _implantable(name) else 0.0)
+    for target in (0.5, 0.3, 0.15):  # a ViT's only prunable groups are its MLPs: half the parameters is too much
+        plan = _plan(name, 0, target, implant_ratio=0.5 if _implantable(name) else 0.0)
         if plan is not None:
             break
-    assert plan is not None
+    assert plan is not None and any(gp.remove for gp in plan.groups.values())
     pruned = haprune.apply_plan(model, plan, x, structures=s)
     xs = _inputs(x)
     with torch.no_grad():
