@@ -343,6 +343,16 @@ def write(cells: list[dict]) -> None:
                 pairs.append((f"{crit}: seq + BN vs plain", paired(accs(crit, "seq", "bn"), accs(crit, "plain", "bn"))))
             if accs(crit, "seq", "bn") and accs(crit, "seq", "nobn"):
                 pairs.append((f"{crit}: seq + BN vs seq", paired(accs(crit, "seq", "bn"), accs(crit, "seq", "nobn"))))
+        for crit in crits:
+            if accs(crit, "seq-all", "nobn") and accs(crit, "plain", "bn"):
+                pairs.append((f"{crit}: seq-all vs plain", paired(accs(crit, "seq-all", "nobn"), accs(crit, "plain", "bn"))))
+            if accs(crit, "seq-all", "bn") and accs(crit, "seq-all", "nobn"):
+                pairs.append((f"{crit}: seq-all + BN vs seq-all", paired(accs(crit, "seq-all", "bn"),
+                                                                         accs(crit, "seq-all", "nobn"))))
+        for a, b_ in (("hap", "l2"), ("hap", "obs"), ("obs", "l2")):
+            x, y = accs(a, "seq-all", "nobn"), accs(b_, "seq-all", "nobn")
+            if x and y:
+                pairs.append((f"seq-all: {a} vs {b_}", paired(x, y)))
         for a, b_ in (("hap", "l2"), ("obs-ggn", "l2"), ("obs-ggn", "obs"), ("obs-ggn", "hap"), ("hap+ni", "hap")):
             for key in ("nobn", "bn"):
                 x, y = accs(a, "seq", key), accs(b_, "seq", key)
