@@ -1027,7 +1027,8 @@ def _best_vs_others_goal(records: list[dict]) -> list[str]:
             verdicts.append(_excludes_zero_verdict(d))
             lines.append(f"| {tag} | {best} | {other} | {d.n if d else 0} | {d.text() if d else '-'} "
                          f"| {verdicts[-1]} |")
-        overall = "met" if all(v == "met" for v in verdicts) else "not met"
+        overall = ("met" if all(v == "met" for v in verdicts) else "not met" if "not met" in verdicts
+                   else "not enough seeds (n<2)")
         lines.append(f"| {tag} | **all of the above** | | | | **{overall}** |")
     return lines + [""]
 
