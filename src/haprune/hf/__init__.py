@@ -17,15 +17,14 @@ Needs ``transformers`` (tested on the version pinned in requirements/env.txt, 4.
 (optionally weighted by the loss curvature of the block output) is :func:`obs_importance`; compensation (the
 consumer layers refitted to the dense outputs) is :func:`compensate_transformer`.
 """
-from .compensate import compensate_transformer, consumer_layers
-from .importance import UNIT_CRITERIA, michel_importance, obs_importance, unit_importance
-from .io import from_pretrained, save_pretrained
-from .layout import AttentionBlock, FfnBlock, UnsupportedTransformerError, find_blocks
-from .plan import BUDGETS, plan_transformer
-from .recover import TextFinetuneConfig, evaluate_text, finetune_text
-from .structures import transformer_structures
-from .surgery import prune_transformer
-from .text import TextClassifier, TextData, minilm_path, rotten_tomatoes, text_batches, tokenize
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# name -> submodule: imported on first use, so that `import haprune.hf.cli` (and `haprune prune-hf --help`)
+# does not pay for torch
+_LAZY = {'compensate_transformer': 'compensate', 'consumer_layers': 'compensate', 'UNIT_CRITERIA': 'importance', 'michel_importance': 'importance', 'obs_importance': 'importance', 'unit_importance': 'importance', 'from_pretrained': 'io', 'save_pretrained': 'io', 'AttentionBlock': 'layout', 'FfnBlock': 'layout', 'UnsupportedTransformerError': 'layout', 'find_blocks': 'layout', 'BUDGETS': 'plan', 'plan_transformer': 'plan', 'TextFinetuneConfig': 'recover', 'evaluate_text': 'recover', 'finetune_text': 'recover', 'transformer_structures': 'structures', 'prune_transformer': 'surgery', 'TextClassifier': 'text', 'TextData': 'text', 'minilm_path': 'text', 'rotten_tomatoes': 'text', 'text_batches': 'text', 'tokenize': 'text'}
 
 __all__ = [
     "AttentionBlock", "FfnBlock", "UnsupportedTransformerError", "find_blocks", "transformer_structures",
@@ -34,3 +33,16 @@ __all__ = [
     "TextClassifier", "TextData", "rotten_tomatoes", "tokenize", "text_batches", "minilm_path",
     "TextFinetuneConfig", "finetune_text", "evaluate_text",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'haprune.hf' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -28,7 +28,7 @@ import torch.nn as nn
 from ..apply import PlanMismatchError, _set_submodule as _set
 from ..plan import Plan
 from .implant import ImplantedSelfAttention, LowRankHeads, fit_lowrank_head
-from .layout import AttentionBlock, FfnBlock
+from .layout import AttentionBlock, FfnBlock, set_head_count
 from .structures import block_index
 
 __all__ = ["prune_transformer", "find_pretrained", "RECORD_KEY"]
@@ -74,13 +74,14 @@ def _prune_attention(model: nn.Module, b: AttentionBlock, keep: list[int], impla
     o_cols = [o.weight[:, q_rows]]
     implant_module = None
     if implant:
-        if b.family != "bert" or b.group_size != 1:
+        if not b.implants or b.group_size != 1:
             raise NotImplementedError(
-                f"{b.name}: attention implants are implemented for BERT-family models (absolute positions, "
-                "one key/value per head); rotary embeddings do not commute with a low-rank query/key map")
-        sa = model.get_submodule(b.name).self
+                f"{b.name}: attention implants are implemented for BERT-style self-attention (absolute positions, "
+                f"one key/value per head), not for the {b.layout} layout"
+                + ("; rotary embeddings do not commute with a low-rank query/key map" if b.family == "llama" else ""))
+        sa = model.get_submodule(b.heads_module)
         hidden = q.in_features
-        implant_module = LowRankHeads(hidden, len(implant), rank, float(getattr(sa.dropout, "p", 0.0))) \
+        implant_module = LowRankHeads(hidden, len(implant), rank, float(getattr(getattr(sa, "dropout", None), "p", getattr(sa, "dropout_prob", 0.0)))) \
             .to(device=q.weight.device, dtype=q.weight.dtype)
         fits = [fit_lowrank_head(q.weight[h * d:(h + 1) * d], None if q.bias is None else q.bias[h * d:(h + 1) * d],
                                  k.weight[h * d:(h + 1) * d], v.weight[h * d:(h + 1) * d],
@@ -94,12 +95,10 @@ def _prune_attention(model: nn.Module, b: AttentionBlock, keep: list[int], impla
     _set(model, b.k, _new_linear(k, k.weight[kv_rows], None if k.bias is None else k.bias[kv_rows]))
     _set(model, b.v, _new_linear(v, v.weight[kv_rows], None if v.bias is None else v.bias[kv_rows]))
     _set(model, b.o, _new_linear(o, torch.cat(o_cols, dim=1), o_bias))
-    block = model.get_submodule(b.name)
-    if b.family == "bert":
-        block.self.num_attention_heads = len(keep)
-        block.self.all_head_size = len(keep) * d
-        if implant_module is not None:
-            block.self = ImplantedSelfAttention(block.self, implant_module).train(block.self.training)
+    set_head_count(model, b, len(keep))
+    if implant_module is not None:
+        sa = model.get_submodule(b.heads_module)
+        _set(model, b.heads_module, ImplantedSelfAttention(sa, implant_module).train(sa.training))
 
 
 @torch.no_grad()
