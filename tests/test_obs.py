@@ -110,3 +110,26 @@ def test_obs_needs_batches():
     S = build_structures(net, torch.randn(1, 1, 8, 8))
     with pytest.raises(ValueError, match="calibration batches"):
         obs_saliency(net, S, [])
+
+
+def test_estimate_serves_obs_and_obs_ggn():
+    """``estimate(..., "obs")`` / ``"obs-ggn"`` are the registered criteria: the same scores as the direct calls,
+    after the shared checks (a NaN weight is refused before any pass)."""
+    from haprune.estimate import ModelCheckError, estimate
+    from haprune.estimate.obs import consumer_grams
+
+    net = make_net(3, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(16, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g))]
+    structures = build_structures(net, batches[0][0][:1])
+    direct = obs_saliency(net, structures, batches)
+    torch.testing.assert_close(estimate(net, structures, batches, "obs", progress=False).scores, direct)
+    diag = ggn(net, structures, batches, progress=False)["diag"]
+    grams = consumer_grams(net, structures, batches)
+    weights = output_curvature(net, structures, diag, batches, grams=grams)
+    expected = obs_saliency(net, structures, batches, output_weights=weights, grams=grams)
+    torch.testing.assert_close(estimate(net, structures, batches, "obs-ggn", progress=False).scores, expected)
+    with torch.no_grad():
+        net.layers[0].conv2.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ModelCheckError, match="conv2.weight"):
+        estimate(net, structures, batches, "obs", progress=False)

@@ -31,7 +31,8 @@ RUN_ID_KEY = "haprune.run_id"  # safetensors metadata key holding the run id of 
 # Choices of the parser, spelled out here so that parsing imports no torch; tests/test_cli.py checks each against
 # the library's own tuple (estimate.CRITERIA, estimate.SCORE_RULES, apply.IMPLANT_INITS, plan.IMPLANT_KINDS,
 # apply.COMPENSATE_MODES).
-CRITERIA = ("auto", "hutchinson", "ggn", "fisher", "empirical_fisher", "l1", "l2", "taylor", "random")
+CRITERIA = ("auto", "hutchinson", "ggn", "fisher", "empirical_fisher", "l1", "l2", "taylor", "random", "obs",
+            "obs-ggn")
 SCORE_RULES = ("hap", "obd")
 IMPLANT_INITS = ("zeros", "lstsq")
 IMPLANT_KINDS = ("1x1", "separable")

@@ -12,6 +12,8 @@ One entry point, :func:`estimate`, and a string-addressable set of criteria (:da
 | ``l1`` / ``l2`` | sum of \\|w\\| / w^2 over the structure | magnitude |
 | ``taylor`` | (sum_s g w)^2, averaged over batches | first order |
 | ``random`` | uniform, seeded | chance |
+| ``obs`` | structured Optimal Brain Surgeon saliency from each consumer layer's input Gram matrix H: sum_o w_s^T [(H^-1)_ss]^-1 w_s, the reconstruction error the refit of :func:`haprune.apply.compensate.compensate` cannot recover | layer-local |
+| ``obs-ggn`` | ``obs`` with each consumer output weighted by its loss curvature (from the exact GGN diagonal), in loss units | layer-local x global |
 
 Score rules for curvature criteria: ``hap`` (Tr(H_s)/n_s * ||w_s||^2, the paper) or ``obd`` (1/2 sum H_ii w_i^2).
 The model is evaluated in eval mode (BatchNorm running statistics, as in the paper) and is not modified.
@@ -56,9 +58,11 @@ from .base import (
     structure_params,
 )
 from .curvature import fisher, ggn, hutchinson, nonlinear_ops
+from .obs import consumer_grams, obs_saliency, output_curvature
 from .simple import magnitude, random_scores, taylor
 
-CRITERIA = ("auto", "hutchinson", "ggn", "fisher", "empirical_fisher", "l1", "l2", "taylor", "random")
+CRITERIA = ("auto", "hutchinson", "ggn", "fisher", "empirical_fisher", "l1", "l2", "taylor", "random", "obs",
+            "obs-ggn")
 CURVATURE = ("hutchinson", "ggn", "fisher", "empirical_fisher")
 AUTO_TIME_BUDGET = 300.0  # seconds: ``auto``'s default bound (the chosen estimator stops early, and says so)
 
@@ -125,9 +129,10 @@ def _check_options(criterion: str, options: dict[str, Any]) -> None:
     """Options no function of ``criterion`` takes are refused before any work (``auto`` takes any curvature
     criterion's)."""
     fns = {"hutchinson": [hutchinson], "ggn": [ggn], "fisher": [fisher], "empirical_fisher": [fisher],
-           "auto": [hutchinson, ggn, fisher]}.get(criterion, [])
+           "auto": [hutchinson, ggn, fisher], "obs": [obs_saliency], "obs-ggn": [obs_saliency]}.get(criterion, [])
     known = {n for fn in fns for n in inspect.signature(fn).parameters} - {
-        "model", "structures", "batches", "loss_fn", "seed", "progress", "labels", "output_fn", "time_budget"}
+        "model", "structures", "batches", "loss_fn", "seed", "progress", "labels", "output_fn", "time_budget",
+        "output_weights", "grams"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise TypeError(f"criterion {criterion!r} takes no option {', '.join(map(repr, unknown))}"
@@ -226,6 +231,14 @@ def estimate(
             result = {"scores": magnitude(model, structures, 1 if criterion == "l1" else 2)}
         elif criterion == "taylor":
             result = taylor(model, structures, data, loss_fn=loss_fn, output_fn=output_fn)
+        elif criterion == "obs":
+            result = {"scores": obs_saliency(model, structures, data, progress=progress, **options)}
+        elif criterion == "obs-ggn":
+            curvature = ggn(model, structures, data, **common)
+            grams = consumer_grams(model, structures, data)
+            weights = output_curvature(model, structures, curvature["diag"], data, grams=grams)
+            result = {"scores": obs_saliency(model, structures, data, output_weights=weights, grams=grams,
+                                             progress=progress, **options), "info": curvature.get("info", {})}
         else:
             result = {"scores": random_scores(structures, seed)}
         if criterion in CURVATURE:
