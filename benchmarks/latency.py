@@ -143,7 +143,7 @@ def profile_stages(name: str = "resnet56", size: int = 28, variant: str = "remov
     """Where the time goes in ONNX Runtime, per stage, dense vs pruned: the ORT profiler's kernel times next to
     each stage's multiply-accumulates and conv input + output elements (the memory traffic a conv cannot avoid)."""
     import onnxruntime as ort
-    from haprune.report import _macs
+    from haprune.plan import layer_macs
 
     models = build_variants(name, size, [target], [variant])
     in_ch = 1 if size == 28 else 3
@@ -155,7 +155,7 @@ def profile_stages(name: str = "resnet56", size: int = 28, variant: str = "remov
             elems: dict[str, int] = {}
 
             def hook(mod, inputs, y, n=None):
-                macs[n] = macs.get(n, 0) + _macs(mod, inputs[0], y) // batch
+                macs[n] = macs.get(n, 0) + layer_macs(mod, inputs[0], y) // batch
                 elems[n] = elems.get(n, 0) + (inputs[0].numel() + y.numel()) // batch
 
             hooks = [m.register_forward_hook(functools.partial(hook, n=_stage(n)))

@@ -87,8 +87,9 @@ def no_estimation(monkeypatch):
 def test_parser_choices_match_the_library():
     from haprune.apply import COMPENSATE_MODES, IMPLANT_INITS
     from haprune.estimate import CRITERIA, SCORE_RULES
-    from haprune.plan import IMPLANT_KINDS
+    from haprune.plan import ALLOCATIONS, IMPLANT_KINDS
 
+    assert cli.ALLOCATIONS == ALLOCATIONS
     assert cli.CRITERIA == CRITERIA and cli.SCORE_RULES == SCORE_RULES
     assert cli.IMPLANT_INITS == IMPLANT_INITS and cli.IMPLANT_KINDS == IMPLANT_KINDS
     assert cli.COMPENSATE_CHOICES == ("none", *COMPENSATE_MODES)

@@ -33,24 +33,16 @@ BN_ONLY = ["resnet_basic", "resnet_bottleneck", "densenet", "mobilenetv2", "resn
 GROUPED = ["resnext", "regnet_y", "hf_regnet"]
 BARE_PARAM = ["convnext", "hf_convnext"]  # layer scale: a bare nn.Parameter in a prunable group
 
-# issue #19 item 2 / 3: where CostModel's counts are not yet those of the pruned model (the planner's fix turns
-# these green; remove the mark then)
-COST_XFAIL = {
-    "densenet": "issue #19 item 2: CostModel keeps one group per (tensor, dim) sliced by several groups (concat)",
-    "swin": "issue #19 item 3: window attention FLOPs (windows folded into the batch) counted low by CostModel",
-    "hf_swin": "issue #19 item 3: window attention FLOPs (windows folded into the batch) counted low by CostModel",
-}
-
-# grouped convolutions: a structure is a bundle of channels (Group.channels); apply_plan must remove
-# structures.channels(...) rather than the structure indices themselves (apply/__init__.py, not this engineer's file)
-APPLY_XFAIL = "apply_plan removes plan indices as channels; grouped-conv groups need Group.channels(gp.remove)"
+# where a known open issue keeps a model from passing: none since the exact cost model (issue #19 items 2, 3) and
+# apply_plan removing a grouped conv's bundles (Group.channels)
+COST_XFAIL: dict[str, str] = {}
 
 
 def _cases(names, xfails: dict[str, str] | None = None):
     """pytest params, with a non-strict xfail naming the open issue where one applies."""
     for name in names:
-        reasons = [r for r in ((xfails or {}).get(name), APPLY_XFAIL if name in GROUPED else None) if r]
-        marks = [pytest.mark.xfail(reason="; ".join(reasons), strict=False)] if reasons else []
+        reason = (xfails or {}).get(name)
+        marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
         yield pytest.param(name, marks=marks, id=name)
 
 

@@ -37,6 +37,7 @@ SCORE_RULES = ("hap", "obd")
 IMPLANT_INITS = ("zeros", "lstsq")
 IMPLANT_KINDS = ("1x1", "separable")
 COMPENSATE_CHOICES = ("none", "sequential", "dense-inputs")
+ALLOCATIONS = ("global", "cost-aware")
 # Sizes a model.json may ask for: beyond them a tampered file would allocate gigabytes before failing
 MAX_CLASSES = 100_000
 MAX_CHANNELS = 64
@@ -559,7 +560,8 @@ def _prune_into(args: argparse.Namespace, source: dict[str, Any], rf, started: d
     plan = make_plan(structures, sens.scores, cost, args.target, budget=args.budget,
                      max_layer_ratio=args.max_layer_ratio, min_channels=args.min_channels,
                      implant_ratio=args.implant_ratio, implant_kind=args.implant_kind,
-                     criterion=sens.criterion, seed=args.seed, round_to=args.round_to)
+                     criterion=sens.criterion, seed=args.seed, round_to=args.round_to,
+                     allocation=args.allocation)
     for note in getattr(plan, "notes", None) or []:
         _log(f"plan: {note}")
 
@@ -928,6 +930,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-channels", type=int, default=1, help="channels every group keeps (default: %(default)s)")
     p.add_argument("--ignore", nargs="*", default=None,
                    help="fully-qualified names of layers whose outputs are kept (default: the classifier)")
+    p.add_argument("--allocation", choices=ALLOCATIONS, default=None,
+                   help="how removals are spread over layers: 'global' (the raw score ranking) or 'cost-aware' (least "
+                        "score per unit of budget saved, one knapsack); default: cost-aware for --budget latency, "
+                        "global otherwise (measured better one-shot: docs/results/allocation.md)")
     p.add_argument("--round-to", type=int, default=4,
                    help="keep every group's width a multiple of this for faster kernels; 1 = any width. The default "
                         "4 was chosen by benchmarks/latency.py --round-to-study (docs/results/latency_round_to.md): "

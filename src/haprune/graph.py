@@ -176,7 +176,6 @@ def run_forward(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
-_forward = run_forward  # older private name, still imported by report / latency / apply: use run_forward
 
 
 def forward_with_hooks(model: nn.Module, inputs: Any, hooks: dict[nn.Module, Callable]) -> None:
@@ -209,7 +208,6 @@ def output_shapes(out: Any) -> list[tuple[int, ...]]:
     return []
 
 
-_output_shapes = output_shapes  # older private name, still imported by apply: use output_shapes
 
 
 class StructureSet:

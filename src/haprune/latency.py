@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from ._fileio import atomic_write_text
-from .graph import StructureSet, _forward, channel_widths, eval_mode, forward_with_hooks
+from .graph import StructureSet, channel_widths, eval_mode, forward_with_hooks, run_forward
 from .threads import num_threads
 
 __all__ = ["LayerTimes", "LatencyTable", "measure_latency_table", "wall_clock", "layer_widths"]
@@ -255,7 +255,7 @@ def measure_latency_table(
         other, model_ms = 0.0, None
         if timer_name == "wall clock":
             with eval_mode(model):
-                model_ms = _time_ms(lambda inputs: _forward(model, inputs), example_inputs, repeats, warmup)
+                model_ms = _time_ms(lambda inputs: run_forward(model, inputs), example_inputs, repeats, warmup)
             full = {n: channel_widths(model.get_submodule(n)) for n in layers}
             other = max(0.0, model_ms - sum(layers[n](*full[n]) for n in layers))
     meta = {"model_ms": model_ms, "batch": _batch(example_inputs), "threads": threads if threads is not None else torch.get_num_threads(),

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from ._fileio import atomic_write_json
-from .graph import _forward, eval_mode
+from .graph import eval_mode, run_forward
 from .plan import Plan, batch_size, layer_macs, module_macs
 from .threads import num_threads  # re-exported: callers import it from here
 
@@ -68,8 +68,6 @@ def count_flops(model: nn.Module, example_inputs: Any) -> int:
 
 
 # the counting rules live with the cost model (haprune.plan), so that planner and report count alike
-_macs = layer_macs
-_batch_size = batch_size
 
 
 def model_costs(model: nn.Module, example_inputs: Any) -> dict[str, int]:
@@ -119,7 +117,7 @@ def _synchronizer(example_input: Any) -> Callable[[], None]:
 def _time_once(model: nn.Module, example_input: Any, sync: Callable[[], None]) -> float:
     sync()
     start = time.perf_counter()
-    _forward(model, example_input)
+    run_forward(model, example_input)
     sync()
     return time.perf_counter() - start
 

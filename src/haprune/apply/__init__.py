@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
-from ..graph import Group, StructureSet, _forward, _output_shapes, build_dependency_graph, build_structures
+from ..graph import Group, StructureSet, build_dependency_graph, build_structures, output_shapes, run_forward
 from ..plan import Plan
 from ..recover import batchnorm_stats_restored, reestimate_batchnorm
 from .compensate import COMPENSATE_MODES, CompensationError, CompensationResult, compensate
@@ -33,7 +33,8 @@ from .regression import UndeterminedFitError
 _compensate = compensate  # apply_plan's own argument is called ``compensate``
 
 __all__ = ["apply_plan", "merge_implants", "ImplantConv2d", "IMPLANT_INITS", "PlanMismatchError", "compensate",
-           "COMPENSATE_MODES", "CompensationResult", "CompensationError", "UndeterminedFitError", "channel_maps"]
+           "COMPENSATE_MODES", "CompensationResult", "CompensationError", "UndeterminedFitError", "channel_maps",
+           "set_submodule"]
 
 
 class PlanMismatchError(ValueError):
@@ -92,7 +93,7 @@ def apply_plan(
     modes = {name: m.training for name, m in work.named_modules()}
     work.eval()
     with torch.no_grad():
-        ref_shapes = _output_shapes(_forward(work, example_inputs))
+        ref_shapes = output_shapes(run_forward(work, example_inputs))
     fit = implant_init == "lstsq" and mode is None and any(g.implant for g in plan.groups.values())
     if fit:
         calibration = list(calibration)
@@ -110,7 +111,8 @@ def apply_plan(
         if not gp.remove:
             continue
         alive = len(gp.keep) + len(gp.implant)
-        idxs = list(range(alive, g.size)) if gp.implant else list(gp.remove)
+        # root channels: a grouped convolution's structure is a bundle of channels (graph.Group.channels)
+        idxs = list(range(alive, g.size)) if gp.implant else g.channels(gp.remove)
         root = work.get_submodule(g.name)
         pruner = dg.get_pruner_of_module(root)
         dg.get_pruning_group(root, pruner.prune_out_channels, idxs).prune()
@@ -124,7 +126,7 @@ def apply_plan(
         new = make_implant(conv, m, plan.implant_kind)
         if name in fits:
             set_implant_weight(new, fits[name].solve())
-        _set_submodule(work, name, new)
+        set_submodule(work, name, new)
     if fits:
         _select_implants(work, list(fits), calibration, reference)
     if mode is not None:
@@ -133,7 +135,7 @@ def apply_plan(
         work.haprune_compensation = result.to_dict()
 
     with torch.no_grad():
-        shapes = _output_shapes(_forward(work, example_inputs))
+        shapes = output_shapes(run_forward(work, example_inputs))
     if shapes != ref_shapes:
         raise RuntimeError(f"surgery changed the output shape from {ref_shapes} to {shapes}; please report this")
     for name, m in work.named_modules():  # every submodule's own flag back (implants follow the conv they replace)
@@ -166,7 +168,10 @@ def channel_maps(model: nn.Module, groups: list[tuple[Group, Any]]) -> tuple[dic
     for g, gp in groups:
         if not gp.remove and not gp.implant:
             continue
-        rank = {c: i for i, c in enumerate(list(gp.keep) + list(gp.implant))}
+        if g.channel_groups > 1:  # bundles (no implants): surviving root channels keep their order
+            rank = {c: c for c in g.channels(gp.keep)}
+        else:
+            rank = {c: i for i, c in enumerate(list(gp.keep) + list(gp.implant))}
         for s in g.param_slices:
             mod, _, leaf = s.tensor.rpartition(".")
             if leaf != "weight" or s.dim not in (0, 1):
@@ -321,7 +326,8 @@ def _select_implants(model: nn.Module, names: list[str], calibration: list, refe
     use(zeroed)
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at the fully-qualified ``name`` of ``model`` by ``new``."""
     parent_name, _, leaf = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, leaf, new)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..apply import PlanMismatchError, _set_submodule as _set
+from ..apply import PlanMismatchError, set_submodule as _set
 from ..plan import Plan
 from .implant import ImplantedSelfAttention, LowRankHeads, fit_lowrank_head
 from .layout import AttentionBlock, FfnBlock, set_head_count
