@@ -155,3 +155,22 @@ def test_latency_budget_options_are_checked(data_dir, trained, tmp_path, capsys,
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_prune_with_compensation_records_it_and_keeps_the_dense_batchnorm_statistics(data_dir, trained, tmp_path,
+                                                                                     capsys):
+    """--compensate sequential: the layers are refit (recorded in report.json, reconstruction error down), the
+    one-shot model is the compensated one (dense BatchNorm statistics kept), and eval reloads it."""
+    out = tmp_path / "comp"
+    code = run("prune", "--model", "resnet20", "--weights", trained, "--data-dir", data_dir, "--out", out,
+               "--target", "0.5", "--compensate", "sequential", "--finetune-epochs", "0", "--calib-batches", "4",
+               "--calib-batch-size", "64",
+               "--latency-batch", "2", "--latency-repeats", "2", "--quiet")
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    comp = report["compensation"]
+    assert comp["mode"] == "sequential" and len(comp["layers"]) > 0
+    assert "BatchNorm statistics kept" in capsys.readouterr().err
+    res = subprocess.run([sys.executable, "-m", "haprune.cli", "eval", str(out), "--data-dir", str(data_dir)],
+                         capture_output=True, text=True, check=True)
+    assert json.loads(res.stdout)["test_accuracy"] == pytest.approx(report["accuracy"]["after_oneshot"], abs=1e-9)

@@ -576,8 +576,13 @@ def _prune_into(args: argparse.Namespace, source: dict[str, Any], rf, started: d
     # 4. recover: BatchNorm statistics first (essential after surgery), then fine-tuning
     from .recover import checkpoint_progress, finetune, reestimate_batchnorm
 
-    if not args.no_bn_reestimate:
+    # compensation refits each layer to the dense layer's pre-BatchNorm output, so the dense statistics stay right;
+    # re-estimating them afterwards cost 0.4-3.4 pp one-shot on ResNet-56 (docs/results/compensation.md)
+    bn_reestimate = not args.no_bn_reestimate and args.compensate == "none"
+    if bn_reestimate:
         reestimate_batchnorm(pruned, batches(data.train, 256, shuffle=True, seed=args.seed, device=device), 16)
+    elif args.compensate != "none":
+        _log("BatchNorm statistics kept from the dense model (compensation reproduces its layer outputs)")
     acc_oneshot = _eval(pruned, data.test, args.eval_limit)
     _log(f"accuracy: dense {acc_dense:.4f}, one-shot {acc_oneshot:.4f}")
     acc_ft, ft_result, ft_key = None, None, None
@@ -587,7 +592,7 @@ def _prune_into(args: argparse.Namespace, source: dict[str, Any], rf, started: d
             "plan": plan.to_dict(), "implant_init": args.implant_init, "compensate": args.compensate,
             "model": source, "dense_weights": _state_digest(dense), "start": _state_digest(pruned),
             "data": {"name": data.name, "split_seed": args.split_seed, "n_train": len(data.train)},
-            "config": config.to_dict(), "bn_reestimate": not args.no_bn_reestimate, "device": str(device)})
+            "config": config.to_dict(), "bn_reestimate": bn_reestimate, "device": str(device)})
         ckpt = rf.checkpoint_dir(ft_key)
         progress = checkpoint_progress(ckpt)
         if progress:
@@ -951,7 +956,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-epochs", type=int, default=10, help="(default: %(default)s; 0 = one-shot only)")
     p.add_argument("--distill", type=float, default=0.0,
                    help="weight of distillation from the dense model, in [0, 1] (default: %(default)s)")
-    p.add_argument("--no-bn-reestimate", action="store_true", help="skip BatchNorm re-estimation after surgery")
+    p.add_argument("--no-bn-reestimate", action="store_true", help="skip BatchNorm re-estimation after surgery (always skipped with --compensate, which "
+                        "keeps the dense statistics valid)")
     p.add_argument("--eval-limit", type=int, default=None, help="test images to evaluate (default: all)")
     p.add_argument("--latency-batch", type=int, default=64, help="(default: %(default)s)")
     p.add_argument("--latency-repeats", type=int, default=20, help="(default: %(default)s)")
