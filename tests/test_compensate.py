@@ -295,3 +295,26 @@ def test_default_refits_downstream_layers_and_changed_only_the_narrowed_ones():
     assert "stem" not in default["layers"] and "layers.0.conv1" not in default["layers"]
     with pytest.raises(ValueError, match="layers must be"):
         compensate(net, copy.deepcopy(net), calib, layers="some")
+
+
+def test_an_undetermined_optional_refit_is_skipped_and_recorded_a_required_one_raises():
+    """Downstream layers whose input width is unchanged are refit only where the calibration data determines them:
+    here fc2 (narrowed to 2 inputs) is required and refit; fc3 (12 unnarrowed inputs, 6 rows) keeps its weights
+    and the result says why."""
+    torch.manual_seed(1)
+    dense = nn.Sequential()
+    dense.fc1, dense.act, dense.fc2, dense.act2, dense.fc3 = (nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 12),
+                                                             nn.ReLU(), nn.Linear(12, 3))
+    dense = dense.double()
+    pruned = copy.deepcopy(dense)
+    keep = [0, 3]
+    with torch.no_grad():
+        pruned.fc1 = nn.Linear(4, 2).double()
+        pruned.fc1.weight.copy_(dense.fc1.weight[keep]); pruned.fc1.bias.copy_(dense.fc1.bias[keep])
+        pruned.fc2 = nn.Linear(2, 12).double()
+        pruned.fc2.weight.copy_(dense.fc2.weight[:, keep]); pruned.fc2.bias.copy_(dense.fc2.bias)
+    fc3_before = pruned.fc3.weight.clone()
+    result = compensate(dense, pruned, [(torch.randn(6, 4, dtype=torch.float64), None)])
+    assert "fc2" in result.layers and "fc3" not in result.layers
+    assert "fc3" in result.skipped and "12 regressors" in result.skipped["fc3"]
+    assert torch.equal(pruned.fc3.weight, fc3_before)

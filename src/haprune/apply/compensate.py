@@ -69,6 +69,9 @@ class CompensationResult:
     bn_folded: list[str] = field(default_factory=list)  # layers whose intercept went into the next BatchNorm
     bias_added: list[str] = field(default_factory=list)  # layers that got a bias parameter they did not have
     implants_fit: list[str] = field(default_factory=list)
+    # optional refits (input unnarrowed, changed only by upstream layers) that the calibration data could not
+    # determine: left as they were, with the reason; a narrowed or implanted layer raises instead
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -545,7 +548,12 @@ def compensate(
                     reg = regression(n)
                     accumulate(n, reg, inp[0], y, None)
                     stream.done()
-                    _solve_and_write(n, pmods[n], reg, ridge, p_bn.get(n), result)
+                    try:
+                        _solve_and_write(n, pmods[n], reg, ridge, p_bn.get(n), result)
+                    except UndeterminedFitError as e:
+                        if not skip_unchanged or n in fixed:
+                            raise
+                        result.skipped[n] = str(e)  # an optional refit: the layer keeps its dense weights
                     bar.update(1)
 
                 hooks = [pmods[n].register_forward_pre_hook(lambda m, i, n=n: pre(m, i, n)) for n in chosen]
