@@ -129,11 +129,16 @@ def load_dataset(
     raw = _LOADERS[canonical](root)
     if val_size is None:
         val_size = DIGITS_VAL_SIZE if canonical == "digits" else DEFAULT_VAL_SIZE
+    return _splits(raw, canonical, val_size, split_seed)
+
+
+def _splits(raw, name: str, val_size: int, split_seed: int) -> DatasetSplits:
+    """Train / validation (carved from train by ``split_seed``) / test, normalised with the training statistics."""
     train_idx, val_idx = split_indices(raw.train_labels.shape[0], val_size, split_seed)
     train_images = raw.train_images[train_idx]
     mean, std = channel_stats(train_images)
     return DatasetSplits(
-        name=canonical,
+        name=name,
         train=ImageDataset(normalize(train_images, mean, std), raw.train_labels[train_idx]),
         val=ImageDataset(normalize(raw.train_images[val_idx], mean, std), raw.train_labels[val_idx]),
         test=ImageDataset(normalize(raw.test_images, mean, std), raw.test_labels),
@@ -291,20 +296,7 @@ def load_data_path(path: PathLike, split_seed: int = 0, val_size: Optional[int] 
     n = raw.train_labels.shape[0]
     if val_size is None:
         val_size = min(DEFAULT_VAL_SIZE, n // 10)
-    train_idx, val_idx = split_indices(n, val_size, split_seed)
-    train_images = raw.train_images[train_idx]
-    mean, std = channel_stats(train_images)
-    return DatasetSplits(
-        name=name,
-        train=ImageDataset(normalize(train_images, mean, std), raw.train_labels[train_idx]),
-        val=ImageDataset(normalize(raw.train_images[val_idx], mean, std), raw.train_labels[val_idx]),
-        test=ImageDataset(normalize(raw.test_images, mean, std), raw.test_labels),
-        num_classes=raw.num_classes,
-        in_channels=raw.train_images.shape[1],
-        image_size=raw.train_images.shape[2],
-        mean=tuple(mean.tolist()),
-        std=tuple(std.tolist()),
-    )
+    return _splits(raw, name, val_size, split_seed)
 
 
 def _load_npz(path: Path) -> _RawData:
