@@ -204,7 +204,7 @@ def test_lstsq_init_is_never_further_from_the_original_than_zeros_and_each_layer
 
 def test_a_harmful_fit_falls_back_to_the_zero_init(monkeypatch):
     net, x, S, plan, calib = _implanted_setup(1)
-    harmful = lambda self, ridge=1e-8: 50 * torch.randn(self.m, self.xtx.shape[0], 1, 1, dtype=torch.float64)
+    harmful = lambda self, ridge=1e-8: 50 * torch.randn(self.m, self.conv.in_channels, 1, 1, dtype=torch.float64)
     monkeypatch.setattr(LstsqAccumulator, "solve", harmful)
     lstsq = apply_plan(net, plan, x, structures=S, implant_init="lstsq", calibration=calib)
     zeros = apply_plan(net, plan, x, structures=S, implant_init="zeros")

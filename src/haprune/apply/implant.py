@@ -18,6 +18,8 @@ import copy
 import torch
 import torch.nn as nn
 
+from .regression import RidgeRegression
+
 IMPLANT_INITS = ("zeros", "lstsq")
 
 
@@ -83,14 +85,17 @@ def make_implant(conv: nn.Conv2d, num_implanted: int, kind: str) -> ImplantConv2
 
 
 class LstsqAccumulator:
-    """Normal equations X^T X, X^T Y for fitting 1 x 1 rows to a k x k conv's implanted rows."""
+    """Fits 1 x 1 rows to a k x k conv's implanted rows: the conv's input at each output position (its stride's
+    grid) regressed on those rows' outputs, through the origin (the bias is the conv's own), by
+    :class:`~haprune.apply.regression.RidgeRegression`."""
 
     def __init__(self, conv: nn.Conv2d, num_implanted: int):
         self.conv, self.m = conv, num_implanted
-        c = conv.in_channels
-        self.xtx = torch.zeros(c, c, dtype=torch.float64)
-        self.xty = torch.zeros(c, num_implanted, dtype=torch.float64)
-        self.count = 0
+        self.regression = RidgeRegression(conv.in_channels, num_implanted, intercept=False)
+
+    @property
+    def count(self) -> int:
+        return self.regression.count
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """``x``: the conv's input batch; ``y``: its full output batch (the implanted rows are the last m)."""
@@ -99,20 +104,15 @@ class LstsqAccumulator:
         if self.conv.bias is not None:
             yi = yi - self.conv.bias[-self.m:].view(1, -1, 1, 1)
         xs = x[:, :, ::s[0], ::s[1]][:, :, : yi.shape[2], : yi.shape[3]]
-        xf = xs.permute(0, 2, 3, 1).reshape(-1, xs.shape[1]).double().cpu()
-        yf = yi.permute(0, 2, 3, 1).reshape(-1, self.m).double().cpu()
-        self.xtx += xf.T @ xf
-        self.xty += xf.T @ yf
-        self.count += xf.shape[0]
+        self.regression.add(xs.permute(0, 2, 3, 1).reshape(-1, xs.shape[1]),
+                            yi.permute(0, 2, 3, 1).reshape(-1, self.m))
 
     def solve(self, ridge: float = 1e-8) -> torch.Tensor:
         """The (m, in, 1, 1) weight minimising the squared error (a tiny ridge keeps it well posed)."""
         if self.count == 0:
             raise ValueError("no calibration data reached this layer; pass calibration batches for lstsq init")
-        c = self.xtx.shape[0]
-        lam = ridge * float(self.xtx.diagonal().mean().clamp_min(1e-30))
-        w = torch.linalg.solve(self.xtx + lam * torch.eye(c, dtype=torch.float64), self.xty)
-        return w.T.reshape(self.m, c, 1, 1)
+        w, _ = self.regression.solve(ridge, min_rows=1)
+        return w.reshape(self.m, self.conv.in_channels, 1, 1)
 
 
 def set_implant_weight(module: ImplantConv2d, weight: torch.Tensor) -> None:
