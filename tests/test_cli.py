@@ -1,38 +1,21 @@
 """The command line end to end on a tiny synthetic IDX data set (written to a temporary folder)."""
 from __future__ import annotations
 
-import gzip
 import json
-import struct
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from haprune.cli import main
-
-
-def _write_idx(path, array: np.ndarray) -> None:
-    code = 0x08  # unsigned byte
-    header = struct.pack(">HBB", 0, code, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
+from idxdata import make_data
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """5,400 train + 300 test 8x8 images; the class is which quadrant is bright (learnable in a few steps)."""
     d = tmp_path_factory.mktemp("idx")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 5400), ("t10k", 300)):
-        labels = rng.integers(0, 4, n)
-        images = rng.integers(0, 60, (n, 8, 8))
-        for i, c in enumerate(labels):
-            r, q = divmod(int(c), 2)
-            images[i, 4 * r: 4 * r + 4, 4 * q: 4 * q + 4] += 180
-        _write_idx(d / f"{split}-images-idx3-ubyte.gz", images)
-        _write_idx(d / f"{split}-labels-idx1-ubyte.gz", labels)
+    make_data(d, n_test=300)
     return d
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import struct
 
 import numpy as np
 import pytest
@@ -16,31 +15,13 @@ from haprune import _fileio, cli
 from haprune.cli import main
 from haprune.io import save_weights
 from haprune.models import create_model
-
-
-def _write_idx(path, array: np.ndarray) -> None:
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-def _make_data(d, n_train: int = 5400, n_test: int = 200, n_labels: int | None = None) -> None:
-    """8x8 images whose class (of 4) is the bright quadrant; ``n_labels`` < n_train writes a short label file."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        labels = rng.integers(0, 4, n)
-        images = rng.integers(0, 60, (n, 8, 8))
-        for i, c in enumerate(labels):
-            r, q = divmod(int(c), 2)
-            images[i, 4 * r: 4 * r + 4, 4 * q: 4 * q + 4] += 180
-        _write_idx(d / f"{split}-images-idx3-ubyte.gz", images)
-        _write_idx(d / f"{split}-labels-idx1-ubyte.gz", labels[:n_labels] if split == "train" and n_labels else labels)
+from idxdata import make_data, write_idx
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("idx")
-    _make_data(d)
+    make_data(d)
     return d
 
 
@@ -199,12 +180,12 @@ def test_bad_weight_files_are_refused_before_any_work(data_dir, weights, tmp_pat
 def test_data_faults_are_messages(weights, tmp_path, capsys, no_estimation):
     short = tmp_path / "short"
     short.mkdir()
-    _make_data(short, n_train=600, n_labels=590)
+    make_data(short, n_train=600, n_labels=590)
     assert run(*prune_args(short, weights, tmp_path / "a")) == 2
     assert "holds 590 labels but" in capsys.readouterr().err
     broken = tmp_path / "broken"
     broken.mkdir()
-    _make_data(broken, n_train=600)
+    make_data(broken, n_train=600)
     gz = broken / "t10k-images-idx3-ubyte.gz"
     gz.write_bytes(gz.read_bytes()[:40])
     assert run(*prune_args(broken, weights, tmp_path / "b")) == 2

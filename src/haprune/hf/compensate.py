@@ -71,11 +71,16 @@ def _x_of(batch: Any) -> Any:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
-def _run(model: nn.Module, x: Any) -> None:
+def _run(model: nn.Module, x: Any, hooks: dict[nn.Module, Any]) -> None:
+    """``model(x)`` with the forward hooks registered (always removed); a hook may end the pass early (_Stop)."""
+    handles = [m.register_forward_hook(h) for m, h in hooks.items()]
     try:
         model(x)
     except _Stop:
         pass
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @torch.no_grad()
@@ -112,19 +117,9 @@ def collect_regressions(model: nn.Module, batches: Iterable[Any], layers: list[s
         for batch in batches:
             x = _x_of(batch)
             mask = mask_fn(x)
-            handles = [m.register_forward_hook(grab(n, True, same, n == last)) for n, m in mods.items()]
-            try:
-                _run(model, x)
-            finally:
-                for h in handles:
-                    h.remove()
+            _run(model, x, {m: grab(n, True, same, n == last) for n, m in mods.items()})
             if not same:
-                handles = [m.register_forward_hook(grab(n, False, True, n == last)) for n, m in tmods.items()]
-                try:
-                    _run(targets, x)
-                finally:
-                    for h in handles:
-                        h.remove()
+                _run(targets, x, {m: grab(n, False, True, n == last) for n, m in tmods.items()})
             for n in layers:
                 if n not in xs or n not in ys:
                     raise UndeterminedFitError(f"{n}: no calibration data reached this layer")
