@@ -11,7 +11,7 @@ FMNIST  := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 $(STAMP): pyproject.toml requirements/env.txt requirements/nodeps.txt
 	python3 -m venv .venv
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements/env.txt -e '.[dev,hf]'
+	$(PY) -m pip install --quiet -r requirements/env.txt -e '.[dev,hf,plots]'
 	$(PY) -m pip install --quiet --no-deps -r requirements/nodeps.txt
 	touch $(STAMP)
 
