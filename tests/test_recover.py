@@ -292,3 +292,36 @@ def test_load_checkpoint_weights_moved_to_io_and_still_importable_from_recover()
 
     assert haprune.recover.load_checkpoint_weights is haprune.io.load_checkpoint_weights
     assert haprune.recover.save_weights is haprune.io.save_weights
+
+
+def test_the_starting_model_is_kept_when_no_epoch_validates_better(tmp_path: Path) -> None:
+    """A model that already validates well, fine-tuned on wrong labels at a high learning rate:
+    every epoch validates worse, so select_best returns the starting weights and BatchNorm statistics untouched."""
+    torch.manual_seed(0)
+    model = toy_net()
+    val = toy_data(24, seed=1)
+    # train it to tell the classes apart (the starting model of the run under test)
+    finetune(model, toy_data(240, seed=2), val, small_config(epochs=6, lr=0.1, start_candidate=False),
+             progress=False)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    start_acc = evaluate(model, val)["accuracy"]
+    clean = toy_data()
+    wrong = ImageDataset(clean.images, (clean.labels + 1) % 3)  # systematically wrong labels
+    result = finetune(model, wrong, val, small_config(epochs=2, lr=0.5), checkpoint_dir=tmp_path, progress=False)
+    assert result.start_val_accuracy == start_acc
+    assert all(e.val_accuracy < start_acc for e in result.history)  # the premise: training only made it worse
+    assert result.best_epoch == 0 and result.best_val_accuracy == start_acc == result.final_val_accuracy
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, start[name]), name  # weights and BatchNorm statistics (no re-estimation)
+    assert json.loads((tmp_path / "checkpoint.json").read_text())["start_val_accuracy"] == start_acc
+
+
+def test_an_epoch_that_validates_better_than_the_start_replaces_it(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    result = finetune(toy_net(), toy_data(240, seed=2), toy_data(24, seed=1), small_config(epochs=6, lr=0.1),
+                      checkpoint_dir=tmp_path, progress=False)
+    assert result.start_val_accuracy is not None
+    assert result.best_val_accuracy == max([result.start_val_accuracy] + [e.val_accuracy for e in result.history])
+    assert result.best_epoch >= 1 and result.best_val_accuracy > result.start_val_accuracy
+    _, without = run(tmp_path / "off", start_candidate=False)
+    assert without.start_val_accuracy is None and without.best_epoch >= 1  # the old rule: best of the epochs

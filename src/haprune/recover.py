@@ -181,8 +181,12 @@ class FinetuneConfig:
     ``schedule``: ``"cosine"`` (to zero over ``epochs``) or ``"step"`` (x0.1 at 50% and 75% of ``epochs``).
     ``distill_alpha`` > 0 with a teacher mixes in knowledge distillation at ``distill_temperature``.
     ``max_batches_per_epoch`` caps an epoch (None = the whole training set). ``select_best`` loads, at the
-    end, the weights of the epoch with the best validation accuracy. ``bn_reestimate`` then recomputes the
-    BatchNorm statistics from up to ``bn_reestimate_batches`` un-augmented training batches. ``amp`` runs
+    end, the weights of the epoch with the best validation accuracy; with ``start_candidate`` the starting model
+    competes too (its validation accuracy is measured before the first epoch, as epoch 0): when no epoch beats it,
+    the starting weights and BatchNorm statistics come back unchanged, so fine-tuning never returns a model that
+    validates worse than the one it was given (a compensated model is often already close to the dense one, and a
+    short fine-tune at a high learning rate loses accuracy). ``bn_reestimate`` then recomputes the BatchNorm
+    statistics of a trained epoch's weights from up to ``bn_reestimate_batches`` un-augmented training batches. ``amp`` runs
     forward passes under bfloat16 autocast (weights and optimizer state stay float32).
     """
 
@@ -200,6 +204,7 @@ class FinetuneConfig:
     max_batches_per_epoch: Optional[int] = None
     augment: bool = True
     select_best: bool = True
+    start_candidate: bool = True
     bn_reestimate: bool = True
     bn_reestimate_batches: Optional[int] = 100
     amp: bool = False
@@ -254,7 +259,8 @@ class EpochRecord:
 
 @dataclass(frozen=True)
 class FinetuneResult:
-    """History and outcome of :func:`finetune`; ``final_val_*`` describe the returned model."""
+    """History and outcome of :func:`finetune`; ``final_val_*`` describe the returned model. ``best_epoch`` 0 means
+    the starting model won (``config.start_candidate``); ``start_val_accuracy`` is its validation accuracy."""
 
     history: List[EpochRecord]
     best_epoch: Optional[int]
@@ -263,6 +269,7 @@ class FinetuneResult:
     final_val_accuracy: float
     seconds: float
     resumed_from_epoch: int
+    start_val_accuracy: Optional[float] = None
 
     def to_dict(self) -> Dict[str, object]:
         """A JSON-ready dict."""
@@ -277,10 +284,17 @@ class _RunState:
     best_epoch: Optional[int] = None
     best_val_accuracy: Optional[float] = None
     best_state: Optional[Dict[str, torch.Tensor]] = None
+    start_val_accuracy: Optional[float] = None
 
     @property
     def epochs_done(self) -> int:
         return len(self.history)
+
+    def record_start(self, val_accuracy: float, model: nn.Module) -> None:
+        """The starting model as candidate "epoch 0" (an epoch must beat it strictly to replace it)."""
+        self.start_val_accuracy = self.best_val_accuracy = val_accuracy
+        self.best_epoch = 0
+        self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
     def record(self, entry: EpochRecord, model: nn.Module) -> None:
         """Append ``entry``; keep a CPU copy of the weights when the validation accuracy is a new best."""
@@ -365,6 +379,7 @@ def _save_checkpoint(
         "history": [asdict(entry) for entry in run.history],
         "best_epoch": run.best_epoch,
         "best_val_accuracy": run.best_val_accuracy,
+        "start_val_accuracy": run.start_val_accuracy,
         "optimizer_scalars": optimizer_scalars,
     })
     for stale in directory.glob("state-*.safetensors"):
@@ -425,6 +440,7 @@ def _load_checkpoint(
         best_epoch=meta["best_epoch"],
         best_val_accuracy=meta["best_val_accuracy"],
         best_state=best or None,
+        start_val_accuracy=meta.get("start_val_accuracy"),
     )
 
 
@@ -526,6 +542,8 @@ def finetune(
         run = _RunState()
     resumed_from = run.epochs_done
     started = time.perf_counter()
+    if run.epochs_done == 0 and config.epochs > 0 and config.select_best and config.start_candidate:
+        run.record_start(evaluate(model, val_set)["accuracy"], model)
     for epoch in range(run.epochs_done, config.epochs):
         epoch_start = time.perf_counter()
         lr = lr_at_epoch(config, epoch)
@@ -545,7 +563,8 @@ def finetune(
             log_fn(entry)
     if config.select_best and run.best_state is not None:
         model.load_state_dict(run.best_state)
-    if config.bn_reestimate:
+    kept_start = config.select_best and run.best_epoch == 0
+    if config.bn_reestimate and not kept_start:
         bn_batches = make_batches(train_set, config.batch_size, shuffle=True, seed=config.seed)
         reestimate_batchnorm(model, bn_batches, config.bn_reestimate_batches)
     final = evaluate(model, val_set)
@@ -558,6 +577,7 @@ def finetune(
         final_val_accuracy=final["accuracy"],
         seconds=previous_seconds + time.perf_counter() - started,
         resumed_from_epoch=resumed_from,
+        start_val_accuracy=run.start_val_accuracy,
     )
 
 
