@@ -1,8 +1,10 @@
 """The ``haprune`` command line: parses options, runs estimate -> plan -> apply -> recover -> report, prints.
 
 Subcommands: ``train`` (a baseline), ``sensitivity`` (scores only), ``prune`` (the whole pipeline, writing an
-output folder), ``eval`` (reload an output folder and measure it), ``prune-hf`` (heads / FFN neurons of a Hugging
-Face classifier, :mod:`haprune.hf.cli`). ``haprune <command> --help`` explains each option. The model is one of
+output folder), ``explore`` (one sensitivity pass, one-shot accuracy against size and speed at several targets),
+``report`` (rebuild report.html from a folder's JSON), ``eval`` (reload an output folder and measure it),
+``prune-hf`` (heads / FFN neurons of a Hugging Face classifier, :mod:`haprune.hf.cli`). Sensitivity passes are
+cached by everything that determines them (:class:`haprune.explore.SensitivityCache`). ``haprune <command> --help`` explains each option. The model is one of
 the reference models (``--model``), your own (``--model-file module.py:factory``) or a Hugging Face image
 classifier folder (``--hf-vision PATH``); the data a registered data set (``--dataset``) or your own (``--data``:
 a .npz file or a folder of IDX files).
@@ -107,6 +109,19 @@ _PRUNE_CHECKS = [
 
 def _check_prune_args(args: argparse.Namespace) -> None:
     """Every option of ``prune`` that can be checked without data or model: ranges and combinations."""
+    if not (args.model or args.model_file or args.hf_vision):
+        raise CLIError("one of --model, --model-file, --hf-vision is required (or --from-explore FOLDER --pick X)")
+    if args.target is None:
+        raise CLIError("--target is required (or --from-explore FOLDER --pick X)")
+    if args.pick is not None and not args.from_explore:
+        raise CLIError("--pick chooses a point of --from-explore FOLDER; without it, pass --target")
+    _check_plan_args(args)
+    if args.distill > 0 and args.finetune_epochs == 0:
+        raise CLIError("--distill applies to fine-tuning, but --finetune-epochs is 0")
+
+
+def _check_plan_args(args: argparse.Namespace) -> None:
+    """The options ``prune`` and ``explore`` share: ranges and combinations."""
     _check_ranges(args, _COMMON_CHECKS + _TRAIN_CHECKS + _ESTIMATE_CHECKS + _PRUNE_CHECKS)
     _criterion_options(args)
     if args.latency_table and args.budget != "latency":
@@ -116,8 +131,6 @@ def _check_prune_args(args: argparse.Namespace) -> None:
                        "kept one costs): drop --implant-ratio, or use --budget params/flops for implants")
     if args.latency_table and not Path(args.latency_table).is_file():
         raise CLIError(f"cannot read the latency table {args.latency_table}: no such file")
-    if args.distill > 0 and args.finetune_epochs == 0:
-        raise CLIError("--distill applies to fine-tuning, but --finetune-epochs is 0")
     if args.implant_ratio == 0 and args.implant_kind != "1x1":
         raise CLIError("--implant-kind needs --implant-ratio > 0")
     if args.device and args.device != "cpu" and not args.device.startswith(("cuda", "mps", "xpu")):
@@ -485,6 +498,7 @@ def _prepare_dense(source: dict[str, Any], weights: str | None, data):
 def cmd_prune(args: argparse.Namespace) -> int:
     started = datetime.now(timezone.utc)
     # 0. everything that can be checked before any work: options, the model's files, --out, the weights
+    explored = _from_explore(args) if args.from_explore else None
     _check_prune_args(args)
     source = _model_source(args)
     _check_weights_path(args.weights, source)
@@ -495,24 +509,28 @@ def cmd_prune(args: argparse.Namespace) -> int:
             raise CLIError("--compensate needs a haprune whose apply_plan supports compensation; this one does not")
     try:
         with run_folder(args.out) as rf:
-            report, plan = _prune_into(args, source, rf, started)
+            report, plan = _prune_into(args, source, rf, started, explored)
     except RunFolderError as e:
         raise CLIError(str(e)) from None
     _print_summary(report, plan)  # only now: the run folder is in place
     for w in report["warnings"]:
         print(f"WARNING: {w}")
-    print(f"wrote {rf.final}: report.json, plan.json, model.safetensors, model.json (run {rf.run_id})")
+    html = ", report.html" if (rf.final / "report.html").is_file() else ""
+    print(f"wrote {rf.final}: report.json{html}, plan.json, model.safetensors, model.json (run {rf.run_id})")
     return 0
 
 
-def _prune_into(args: argparse.Namespace, source: dict[str, Any], rf, started: datetime):
-    """The pipeline of ``prune``, writing into the staging folder ``rf.path`` (it becomes --out on success)."""
-    import torch
+# The steps prune and explore share: set up the dense model and data, estimate (through the sensitivity cache),
+# plan, and apply with the one-shot recalibration; explore runs them once per target, prune once.
 
-    from .graph import UnsupportedLayerError
+def _setup(args: argparse.Namespace, source: dict[str, Any], device):
+    """The dense model (weights loaded, on ``device``), the data fitted to it, an example input, the calibration
+    batches (checked: finite loss) and the model's structures; every check that can fail before any pass."""
+    import types
 
-    warnings: list[str] = []
-    device = torch.device(args.device or "cpu")
+    from .data import batches
+    from .graph import UnsupportedLayerError, build_structures
+
     geometry = _data_geometry(args)
     dense = None
     if geometry is not None and source["source"] != "hf-vision":  # model and weights checked before the data
@@ -529,59 +547,155 @@ def _prune_into(args: argparse.Namespace, source: dict[str, Any], rf, started: d
     _check_model_fits_data(dense, data)
     dense = dense.to(device)
     example = _example(data).to(device)
-    from .data import batches
-
     calib = batches(data.train, args.calib_batch_size, shuffle=True, seed=args.seed, device=device)
     _check_calibration_loss(dense, calib)
-    acc_dense = _eval(dense, data.test, args.eval_limit)
-    majority = _majority_rate(data.test, args.eval_limit)
-    _check_not_chance("dense", acc_dense, majority, warnings,
-                      "Pruning it is pointless: check that --weights were trained on this data (same data set, "
-                      "classes and normalisation)")
-
-    # 1. estimate
-    from .apply import ImplantConv2d, apply_plan, merge_implants
-    from .estimate import estimate
-    from .graph import build_structures
-    from .plan import CostModel, make_plan
-
     try:
         structures = build_structures(dense, example, ignored_layers=args.ignore)
     except UnsupportedLayerError as e:
         raise CLIError(str(e)) from None
     if structures.refused:
         _log("refused groups: " + "; ".join(f"{n} ({w})" for n, w in structures.refused))
-    sens = estimate(dense, structures, calib, args.criterion, score=args.score, seed=args.seed,
+    return types.SimpleNamespace(dense=dense, data=data, example=example, calib=calib, structures=structures)
+
+
+def _sensitivity(args: argparse.Namespace, setup, source: dict[str, Any], device, stored: Path | None = None):
+    """1. estimate: the sensitivity pass, or the cached one computed under the same key (model weights, calibration
+    batches, structures, criterion and options, seed, device, versions). ``stored``: the sensitivity file of an
+    explore run, which must have been computed under this key. Returns (sensitivity, key, reused)."""
+    import itertools
+
+    import torch
+
+    from .estimate import estimate
+    from .explore import SensitivityCache, load_sensitivity, sensitivity_key, tensors_digest
+
+    used = list(itertools.islice(iter(setup.calib), args.calib_batches))
+    parts = {"model": source, "weights": _state_digest(setup.dense),
+             "structures": [[g.name, g.size] for g in setup.structures],
+             "calibration": tensors_digest(t for batch in used for t in batch), "criterion": args.criterion,
+             "score": args.score, "options": _criterion_options(args), "calib_batches": args.calib_batches,
+             "calib_batch_size": args.calib_batch_size, "seed": args.seed, "device": str(device),
+             "versions": {"haprune": __version__, "torch": torch.__version__}}
+    key = sensitivity_key(parts)
+    if stored is not None:
+        try:
+            sens = load_sensitivity(stored, setup.structures, key=key)
+        except ValueError as e:
+            raise CLIError(f"--from-explore: {e}. The model's weights, the data or the options differ from the "
+                           "exploration's; explore again, or prune with --target") from None
+        _log(f"sensitivity: reusing the {sens.criterion} pass of the exploration ({stored}), not recomputed")
+        return sens, key, True
+    cache = None if args.no_cache else SensitivityCache(args.cache_dir)
+    if cache is not None:
+        sens = cache.get(key, setup.structures)
+        if sens is not None:
+            _log(f"sensitivity: reusing the cached {sens.criterion} pass {key} (computed in "
+                 f"{sens.info.get('seconds')} s; {cache.path(key)}); --no-cache recomputes it")
+            return sens, key, True
+    sens = estimate(setup.dense, setup.structures, used, args.criterion, score=args.score, seed=args.seed,
                     num_batches=args.calib_batches, progress=not args.quiet, **_criterion_options(args))
     _log(f"sensitivity: {sens.criterion} ({sens.info.get('auto', {}).get('why', '')}) in {sens.info['seconds']} s")
+    if cache is not None:
+        try:
+            cache.put(key, sens, setup.structures, parts)
+            _log(f"sensitivity cached as {key} ({cache.path(key)})")
+        except OSError as e:
+            _warn(f"could not write the sensitivity cache {cache.root} ({e}); the next run recomputes it")
+    return sens, key, False
 
-    # 2. plan
-    cost = CostModel(dense, structures, example, latency=_latency_table(args, dense, structures, example, rf.path))
-    plan = make_plan(structures, sens.scores, cost, args.target, budget=args.budget,
+
+def _plan_for(args: argparse.Namespace, structures, cost, sens, target: float):
+    """2. plan: the plan for ``target`` of the --budget from ``sens``'s scores."""
+    from .plan import make_plan
+
+    plan = make_plan(structures, sens.scores, cost, target, budget=args.budget,
                      max_layer_ratio=args.max_layer_ratio, min_channels=args.min_channels,
                      implant_ratio=args.implant_ratio, implant_kind=args.implant_kind,
                      criterion=sens.criterion, seed=args.seed, round_to=args.round_to,
                      allocation=args.allocation)
-    for note in getattr(plan, "notes", None) or []:
-        _log(f"plan: {note}")
+    return plan
 
-    # 3. apply
-    calib_fit = batches(data.train, args.calib_batch_size, shuffle=True, seed=args.seed,
-                        limit=args.calib_batches * args.calib_batch_size, device=device)
-    extra = {"compensate": args.compensate} if args.compensate != "none" else {}
-    pruned = apply_plan(dense, plan, example, structures=structures, implant_init=args.implant_init,
-                        calibration=calib_fit, **extra)
-    compensation = getattr(pruned, "haprune_compensation", None)
 
-    # 4. recover: BatchNorm statistics first (essential after surgery), then fine-tuning
-    from .recover import checkpoint_progress, finetune, reestimate_batchnorm
-
+def _bn_reestimate(args: argparse.Namespace) -> bool:
     # compensation refits each layer to the dense layer's pre-BatchNorm output, so the dense statistics stay right;
     # re-estimating them afterwards cost 0.4-3.4 pp one-shot on ResNet-56 (docs/results/compensation.md)
-    bn_reestimate = not args.no_bn_reestimate and args.compensate == "none"
-    if bn_reestimate:
-        reestimate_batchnorm(pruned, batches(data.train, 256, shuffle=True, seed=args.seed, device=device), 16)
-    elif args.compensate != "none":
+    return not args.no_bn_reestimate and args.compensate == "none"
+
+
+def _prune_oneshot(args: argparse.Namespace, setup, plan, device):
+    """3. apply (surgery, implants, compensation) and the first step of recovery, BatchNorm re-estimation: the
+    one-shot model (a new module; the dense one is unchanged)."""
+    from .apply import apply_plan
+    from .data import batches
+    from .recover import reestimate_batchnorm
+
+    calib_fit = batches(setup.data.train, args.calib_batch_size, shuffle=True, seed=args.seed,
+                        limit=args.calib_batches * args.calib_batch_size, device=device)
+    extra = {"compensate": args.compensate} if args.compensate != "none" else {}
+    pruned = apply_plan(setup.dense, plan, setup.example, structures=setup.structures,
+                        implant_init=args.implant_init, calibration=calib_fit, **extra)
+    if _bn_reestimate(args):
+        reestimate_batchnorm(pruned, batches(setup.data.train, 256, shuffle=True, seed=args.seed, device=device), 16)
+    return pruned
+
+
+def _deployed(args: argparse.Namespace, pruned):
+    """What latency and ONNX run: each implanted layer merged into one k x k conv (faster on the CPU:
+    docs/results/latency_quick.md), unless --no-merge-implants."""
+    from .apply import merge_implants
+
+    return pruned if args.no_merge_implants else merge_implants(pruned)
+
+
+def _latency(args: argparse.Namespace, models: dict[str, Any], example) -> dict[str, dict[str, float]]:
+    """CPU latency of ``models`` (interleaved rounds) at --latency-batch, --threads, --latency-repeats."""
+    import torch
+
+    from .report import measure_latency
+
+    return measure_latency(models, torch.randn(args.latency_batch, *example.shape[1:]), threads=args.threads,
+                           repeats=args.latency_repeats)
+
+
+def _prune_into(args: argparse.Namespace, source: dict[str, Any], rf, started: datetime, explored=None):
+    """The pipeline of ``prune``, writing into the staging folder ``rf.path`` (it becomes --out on success)."""
+    import torch
+
+    warnings: list[str] = []
+    device = torch.device(args.device or "cpu")
+    setup = _setup(args, source, device)
+    dense, data, example, structures = setup.dense, setup.data, setup.example, setup.structures
+    acc_dense = _eval(dense, data.test, args.eval_limit)
+    majority = _majority_rate(data.test, args.eval_limit)
+    _check_not_chance("dense", acc_dense, majority, warnings,
+                      "Pruning it is pointless: check that --weights were trained on this data (same data set, "
+                      "classes and normalisation)")
+
+    # 1. estimate (or the cached pass), 2. plan
+    from .apply import ImplantConv2d
+    from .plan import CostModel
+
+    sens, sens_key, sens_reused = _sensitivity(args, setup, source, device,
+                                               stored=explored["sensitivity_file"] if explored else None)
+    cost = CostModel(dense, structures, example, latency=_latency_table(args, dense, structures, example, rf.path))
+    plan = _plan_for(args, structures, cost, sens, args.target)
+    for note in getattr(plan, "notes", None) or []:
+        _log(f"plan: {note}")
+    if explored is not None:
+        if plan.to_dict()["groups"] != explored["point"]["plan"]["groups"]:
+            _warn(f"the plan differs from the exploration's plan at {args.target:g} (the planner changed since?)",
+                  warnings)
+        else:
+            _log(f"plan: the exploration's plan at {100 * args.target:g}% of the {args.budget} "
+                 f"(its one-shot validation accuracy {100 * explored['point']['accuracy']:.2f}%)")
+
+    # 3. apply, 4. recover: BatchNorm statistics first (essential after surgery), then fine-tuning
+    from .recover import checkpoint_progress, finetune
+
+    pruned = _prune_oneshot(args, setup, plan, device)
+    compensation = getattr(pruned, "haprune_compensation", None)
+    bn_reestimate = _bn_reestimate(args)
+    if not bn_reestimate and args.compensate != "none":
         _log("BatchNorm statistics kept from the dense model (compensation reproduces its layer outputs)")
     acc_oneshot = _eval(pruned, data.test, args.eval_limit)
     _log(f"accuracy: dense {acc_dense:.4f}, one-shot {acc_oneshot:.4f}")
@@ -609,17 +723,14 @@ def _prune_into(args: argparse.Namespace, source: dict[str, Any], rf, started: d
     _check_not_chance("pruned" if acc_ft is None else "fine-tuned", final_acc, majority, warnings,
                       "Prune less (--target), fine-tune longer (--finetune-epochs), or check the dense model")
 
-    # 5. report (on the CPU: latency is CPU latency). Latency and ONNX are of the deployment form, each implanted
-    # layer merged into one k x k conv (faster on the CPU: docs/results/latency_quick.md), unless --no-merge-implants
+    # 5. report (on the CPU: latency is CPU latency), of the deployment form (see _deployed)
     from .io import export_onnx, onnx_matches, save_pruned
-    from .report import build_report, measure_latency, model_costs, write_report
+    from .report import build_report, model_costs, write_report
 
     out = rf.path
     pruned, dense, example = pruned.cpu().eval(), dense.cpu(), example.cpu()
-    deployed = pruned if args.no_merge_implants else merge_implants(pruned)
-    latency = measure_latency({"dense": dense, "pruned": deployed},
-                              torch.randn(args.latency_batch, *example.shape[1:]),
-                              threads=args.threads, repeats=args.latency_repeats)
+    deployed = _deployed(args, pruned)
+    latency = _latency(args, {"dense": dense, "pruned": deployed}, example)
     save_pruned(out, pruned, plan, extra_metadata={RUN_ID_KEY: rf.run_id})
     atomic_write_json(out / MODEL_SPEC, {**source, "dataset": data.name, "data": _data_arg(args),
                                          "in_channels": data.in_channels, "num_classes": data.num_classes,
@@ -628,14 +739,18 @@ def _prune_into(args: argparse.Namespace, source: dict[str, Any], rf, started: d
     if args.onnx:
         path = export_onnx(deployed, example, out / "model.onnx")  # checked against the unmerged model
         onnx_info = {"path": "model.onnx", "max_abs_diff": onnx_matches(pruned, path, data.test.tensors[0][:16])}
-    settings = {k: v for k, v in vars(args).items() if k != "func"}
+    settings = _settings(args)
     report = build_report(
         model={"name": source["model"], "dataset": data.name, "weights": args.weights},
         plan=plan, costs_before=model_costs(dense, example), costs_after=model_costs(pruned, example),
         sensitivity=sens, accuracy_before=acc_dense, accuracy_oneshot=acc_oneshot, accuracy_finetuned=acc_ft,
         latency_before=latency["dense"], latency_after=latency["pruned"], settings=settings, started_at=started,
+        structures=structures,
     )
     report["run_id"] = rf.run_id
+    report["command"] = _command_line(args)
+    report["sensitivity"]["cache"] = {"key": sens_key, "reused": sens_reused,
+                                      "from_explore": str(explored["file"]) if explored else None}
     report["finetune"] = ft_result.to_dict() if ft_result else None
     report["finetune_run"] = ft_key
     report["onnx"] = onnx_info
@@ -648,7 +763,30 @@ def _prune_into(args: argparse.Namespace, source: dict[str, Any], rf, started: d
     report["majority_class_rate"] = majority
     report["warnings"] = warnings
     write_report(out / "report.json", report)
+    _write_html(out, report, warnings)
     return report, plan
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k != "func" and not k.startswith("_")}
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    import shlex
+
+    return shlex.join(["haprune", *getattr(args, "_argv", [])])
+
+
+def _write_html(folder: Path, result: dict[str, Any], warnings: list[str] | None = None) -> bool:
+    """report.html beside the JSON (figures need matplotlib: without it the page has the tables only, said on it)."""
+    from .report_html import write_html
+
+    try:
+        write_html(folder / "report.html", result)
+    except (OSError, ValueError) as e:
+        _warn(f"report.html not written ({type(e).__name__}: {e}); `haprune report {folder}` retries", warnings)
+        return False
+    return True
 
 
 def _check_ignore(model, ignore: list[str] | None) -> None:
@@ -718,6 +856,201 @@ def _print_summary(report: dict, plan) -> None:
         print(f"plan note: {note}")
     if report.get("compensation"):
         print(f"compensation: {json.dumps(report['compensation'], default=str)[:300]}")
+
+
+# ------------------------------------------------------------------------------------------------ explore
+
+# Settings an exploration fixes for `prune --from-explore`: what determines the sensitivity and the plan
+EXPLORE_SETTINGS = ("model", "model_file", "hf_vision", "weights", "dataset", "data", "data_dir", "split_seed",
+                    "seed", "criterion", "score", "calib_batches", "calib_batch_size", "max_probes", "reliability",
+                    "tol", "budget", "max_layer_ratio", "min_channels", "ignore", "allocation", "round_to",
+                    "implant_ratio", "implant_kind", "implant_init", "compensate", "no_bn_reestimate", "device",
+                    "latency_batch", "threads")
+
+
+def _from_explore(args: argparse.Namespace) -> dict[str, Any]:
+    """--from-explore FILE --pick X: the exploration's settings replace this run's (model, data, estimate and plan
+    options) and its stored sensitivity is used; returns the file, the point picked and the sensitivity file."""
+    from .explore import EXPLORE_FILE, SENSITIVITY_FILE
+
+    path = Path(args.from_explore)
+    file = path / EXPLORE_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise CLIError(f"--from-explore {path}: no {EXPLORE_FILE} there; pass the --out folder of `haprune explore`")
+    result = _read_json(file, "re-run `haprune explore`")
+    if result.get("kind") != "explore" or not isinstance(result.get("settings"), dict):
+        raise CLIError(f"{file} is not the result of `haprune explore`")
+    targets = [p["target"] for p in result.get("points", []) if p.get("label") == result["labels"][0]
+               and not p.get("error")]
+    if args.pick is None or args.target is not None:
+        raise CLIError(f"--from-explore takes --pick TARGET (not --target): one of {', '.join(f'{t:g}' for t in targets)}")
+    point = next((p for p in result["points"] if p.get("label") == result["labels"][0]
+                  and abs(p["target"] - args.pick) < 1e-9 and not p.get("error")), None)
+    if point is None:
+        raise CLIError(f"--pick {args.pick:g}: the exploration in {file.parent} has no point there; pick one of "
+                       f"{', '.join(f'{t:g}' for t in targets)}")
+    sens_file = file.parent / SENSITIVITY_FILE
+    if not sens_file.is_file():
+        raise CLIError(f"{sens_file} is missing; re-run `haprune explore`")
+    settings = result["settings"]
+    changed = [k for k in EXPLORE_SETTINGS if k in settings and getattr(args, k, None) != settings[k]
+               and getattr(args, k, None) is not None]
+    for k in EXPLORE_SETTINGS:
+        if k in settings:
+            setattr(args, k, settings[k])
+    if changed:
+        _log(f"--from-explore: {', '.join('--' + k.replace('_', '-') for k in changed)} taken from the exploration")
+    args.target = args.pick
+    table = file.parent / "latency_table.json"
+    args.latency_table = str(table) if args.budget == "latency" and table.is_file() else None
+    return {"file": file, "point": point, "sensitivity_file": sens_file}
+
+
+def _check_explore_args(args: argparse.Namespace) -> None:
+    _check_plan_args(args)
+    for t in args.targets:
+        if not (math.isfinite(t) and 0 < t < 1):
+            raise CLIError(f"--targets must be fractions in (0, 1), got {t}")
+    if len(set(args.targets)) != len(args.targets):
+        raise CLIError("--targets lists a target twice")
+    if args.baseline == args.criterion:
+        raise CLIError(f"--baseline {args.baseline} is the --criterion itself; choose another baseline or none")
+
+
+def cmd_explore(args: argparse.Namespace) -> int:
+    started = datetime.now(timezone.utc)
+    _check_explore_args(args)
+    source = _model_source(args)
+    _check_weights_path(args.weights, source)
+    from .explore import EXPLORE_FILE, explore_table
+
+    try:
+        with run_folder(args.out, markers=(RUN_FILE, EXPLORE_FILE, "report.json"), keep_checkpoints=False) as rf:
+            result = _explore_into(args, source, rf, started)
+    except RunFolderError as e:
+        raise CLIError(str(e)) from None
+    print(explore_table(result))
+    for w in result["warnings"]:
+        print(f"WARNING: {w}")
+    files = [f for f in (EXPLORE_FILE, "explore.png", "report.html", "sensitivity.safetensors")
+             if (rf.final / f).is_file()]
+    print(f"wrote {rf.final}: {', '.join(files)} (run {rf.run_id}); fine-tune a point with "
+          f"`haprune prune --from-explore {args.out} --pick TARGET --out RUN`")
+    return 0
+
+
+def _explore_into(args: argparse.Namespace, source: dict[str, Any], rf, started: datetime) -> dict[str, Any]:
+    """One sensitivity pass, then every target planned, applied, recalibrated and measured on the validation split
+    with the steps ``prune`` runs (_plan_for, _prune_oneshot, _deployed, _latency); points resume from
+    ``rf``'s checkpoint folder."""
+    import copy
+
+    import torch
+
+    from .estimate import estimate
+    from .explore import EXPLORE_FILE, EXPLORE_VERSION, SENSITIVITY_FILE, explore, save_sensitivity
+    from .plan import CostModel
+    from .report import model_costs, sensitivity_summary, versions
+
+    warnings: list[str] = []
+    device = torch.device(args.device or "cpu")
+    setup = _setup(args, source, device)
+    dense, data, example = setup.dense, setup.data, setup.example
+    if len(data.val) == 0:
+        raise CLIError("the data has no validation split to evaluate on; explore chooses on held-out data")
+    sens, sens_key, reused = _sensitivity(args, setup, source, device)
+    sensitivities = {sens.criterion: sens}
+    if args.baseline != "none" and args.baseline != sens.criterion:
+        sensitivities[args.baseline] = estimate(dense, setup.structures, setup.calib, args.baseline, seed=args.seed,
+                                                num_batches=args.calib_batches, progress=False)
+    evaluate_fn = lambda model: _eval(model, data.val, args.eval_limit)  # noqa: E731
+    acc_dense = evaluate_fn(dense)
+    majority = _majority_rate(data.val, args.eval_limit)
+    _check_not_chance("dense", acc_dense, majority, warnings, "Check that --weights were trained on this data")
+    cost = CostModel(dense, setup.structures, example,
+                     latency=_latency_table(args, dense, setup.structures, example, rf.path))
+    dense_cpu, example_cpu = (dense, example) if device.type == "cpu" else (copy.deepcopy(dense).cpu(), example.cpu())
+    state_key = _finetune_key({
+        "sensitivity": sens_key, "labels": list(sensitivities), "budget": args.budget,
+        "plan": {k: getattr(args, k) for k in ("max_layer_ratio", "min_channels", "ignore", "allocation", "round_to",
+                                               "implant_ratio", "implant_kind", "implant_init", "compensate",
+                                               "no_bn_reestimate", "latency_table")},
+        "eval": {"data": data.name, "split_seed": args.split_seed, "n_val": len(data.val), "limit": args.eval_limit},
+        "latency": {k: getattr(args, k) for k in ("latency_batch", "latency_repeats", "threads", "no_merge_implants")},
+        "cost": cost.dense()})
+    state_dir = rf.checkpoint_dir(f"explore-{state_key}")
+    if state_dir.is_dir() and any(state_dir.iterdir()):
+        _log(f"explore: resuming the points already measured ({state_dir})")
+    points = explore(
+        sensitivities, args.targets, dense=dense, example=example,
+        plan_fn=lambda s, t: _plan_for(args, setup.structures, cost, s, t),
+        prune_fn=lambda plan: _prune_oneshot(args, setup, plan, device),
+        evaluate_fn=evaluate_fn,
+        latency_fn=lambda pruned: _latency(args, {"dense": dense_cpu, "pruned": _deployed(args, pruned.cpu().eval())},
+                                           example_cpu),
+        state_dir=state_dir, progress=not args.quiet, log=_log)
+    dense_latency = _latency(args, {"dense": dense_cpu}, example_cpu)["dense"]
+    finished = datetime.now(timezone.utc)
+    result = {
+        "kind": "explore", "explore_version": EXPLORE_VERSION, "run_id": rf.run_id,
+        "model": {"name": source["model"], "dataset": data.name, "weights": args.weights},
+        "budget": args.budget, "targets": list(args.targets), "labels": list(sensitivities),
+        "evaluation": {"split": "validation", "images": min(len(data.val), args.eval_limit or len(data.val)),
+                       "bn_reestimated": _bn_reestimate(args), "compensate": args.compensate},
+        "dense": {"accuracy": acc_dense, **model_costs(dense_cpu, example_cpu), "latency": dense_latency},
+        "sensitivity": {"key": sens_key, "reused": reused, "criterion": sens.criterion,
+                        "seconds": sens.info.get("seconds"), "info": sens.info,
+                        **sensitivity_summary(sens, setup.structures)},
+        "points": points, "majority_class_rate": majority, "settings": _settings(args),
+        "command": _command_line(args), "warnings": warnings,
+        "timestamps": {"started": started.isoformat(), "finished": finished.isoformat(),
+                       "seconds": round((finished - started).total_seconds(), 3)},
+    }
+    from .report import jsonable
+
+    result = jsonable(result)
+    result["versions"] = versions()
+    save_sensitivity(rf.path / SENSITIVITY_FILE, sens, setup.structures, key=sens_key)
+    atomic_write_json(rf.path / EXPLORE_FILE, result, allow_nan=False)
+    _write_picture(rf.path / "explore.png", result, warnings)
+    _write_html(rf.path, result, warnings)
+    return result
+
+
+def _write_picture(path: Path, result: dict[str, Any], warnings: list[str]) -> None:
+    from .plots import PlotsUnavailableError, save_figure
+    from .report_html import explore_figure
+
+    try:
+        save_figure(explore_figure(result), path)
+    except PlotsUnavailableError as e:
+        _warn(f"{path.name} not drawn: {e}", warnings)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Rebuild report.html of a run folder from its report.json (prune) or explore.json (explore)."""
+    from .explore import EXPLORE_FILE
+
+    folder = Path(args.folder)
+    for name in (EXPLORE_FILE, "report.json"):
+        if (folder / name).is_file():
+            result = _read_json(folder / name, "re-run the command that wrote it")
+            break
+    else:
+        raise CLIError(f"{folder} holds neither report.json nor {EXPLORE_FILE}: pass the --out folder of "
+                       "`haprune prune` or `haprune explore`")
+    from .report_html import write_html
+
+    out = Path(args.output) if args.output else folder / "report.html"
+    try:
+        write_html(out, result)
+    except (KeyError, TypeError) as e:
+        raise CLIError(f"{folder / name} lacks what a report needs ({type(e).__name__}: {e}); re-run the command "
+                       "that wrote it") from None
+    if name == EXPLORE_FILE and not args.output:
+        _write_picture(folder / "explore.png", result, [])
+    print(f"wrote {out}")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ eval
@@ -883,8 +1216,8 @@ def _model_names() -> list[str]:
     return list_models()
 
 
-def _add_model_args(p: argparse.ArgumentParser, weights_help: str) -> None:
-    which = p.add_mutually_exclusive_group(required=True)
+def _add_model_args(p: argparse.ArgumentParser, weights_help: str, required: bool = True) -> None:
+    which = p.add_mutually_exclusive_group(required=required)
     which.add_argument("--model", choices=_model_names(), help="a reference model")
     which.add_argument("--model-file", default=None, metavar="FILE.py:FACTORY",
                        help="your own model: a Python file and a function in it returning the nn.Module (called with "
@@ -895,34 +1228,8 @@ def _add_model_args(p: argparse.ArgumentParser, weights_help: str) -> None:
     p.add_argument("--weights", default=None, help=weights_help)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="haprune", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"haprune {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train", help="train a baseline model from scratch")
-    p.add_argument("--model", choices=_model_names(), required=True)
-    p.add_argument("--epochs", type=int, default=30, help="(default: %(default)s)")
-    p.add_argument("--out", default="checkpoints", help="folder for <model>-<dataset>.safetensors/.json")
-    _add_data_args(p)
-    _add_train_args(p, lr=0.1)
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("sensitivity", help="score every prunable structure and write them as JSON")
-    _add_model_args(p, "safetensors weights of the trained model (with --hf-vision: optional)")
-    p.add_argument("--out", default="sensitivity.json")
-    _add_data_args(p)
-    _add_estimate_args(p)
-    p.set_defaults(func=cmd_sensitivity)
-
-    p = sub.add_parser("prune", help="estimate, plan, apply, fine-tune and report; writes an output folder",
-                       description="Prune a trained model to a parameter, FLOPs or latency budget. Writes report.json, "
-                                   "plan.json, model.safetensors and model.json into --out.")
-    _add_model_args(p, "safetensors weights of the trained model (with --hf-vision: optional, the folder's own)")
-    p.add_argument("--out", required=True, help="output folder, written as a unit: a previous run there is replaced "
-                   "only once the new one is complete")
-    p.add_argument("--target", type=float, required=True, help="fraction of the budget to remove, in [0, 1)")
+def _add_plan_args(p: argparse.ArgumentParser) -> None:
+    """Options of the plan, apply and measure steps that ``prune`` and ``explore`` share."""
     p.add_argument("--budget", choices=["params", "flops", "latency"], default="params",
                    help="what --target is a fraction of: parameters, FLOPs, or the CPU latency that a measured table "
                         "of layer times predicts (at --latency-batch and --threads; see --latency-table) "
@@ -953,23 +1260,84 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refit the layers that consumed removed channels to reproduce the dense model's outputs on "
                         "the calibration data: sequential (on the pruned model's own inputs) or dense-inputs "
                         "(default: %(default)s)")
-    p.add_argument("--finetune-epochs", type=int, default=10, help="(default: %(default)s; 0 = one-shot only)")
-    p.add_argument("--distill", type=float, default=0.0,
-                   help="weight of distillation from the dense model, in [0, 1] (default: %(default)s)")
     p.add_argument("--no-bn-reestimate", action="store_true", help="skip BatchNorm re-estimation after surgery (always skipped with --compensate, which "
                         "keeps the dense statistics valid)")
-    p.add_argument("--eval-limit", type=int, default=None, help="test images to evaluate (default: all)")
+    p.add_argument("--eval-limit", type=int, default=None,
+                   help="images evaluated: of the test split (prune), of the validation split (explore) (default: all)")
     p.add_argument("--latency-batch", type=int, default=64, help="(default: %(default)s)")
     p.add_argument("--latency-repeats", type=int, default=20, help="(default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for latency (default: torch's)")
-    p.add_argument("--onnx", action="store_true", help="also export model.onnx and check it in ONNX Runtime")
     p.add_argument("--no-merge-implants", action="store_true",
                    help="time and export implanted layers as k x k conv + 1 x 1 conv + concat (as trained) instead of "
                         "merged into one k x k conv (more multiply-adds, but faster on the CPU)")
+    p.add_argument("--cache-dir", default=None,
+                   help="where sensitivity passes are cached (default: $HAPRUNE_CACHE_DIR, else ~/.cache/haprune)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="compute the sensitivity pass even when one with the same model, data and options is cached")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="haprune", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"haprune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a baseline model from scratch")
+    p.add_argument("--model", choices=_model_names(), required=True)
+    p.add_argument("--epochs", type=int, default=30, help="(default: %(default)s)")
+    p.add_argument("--out", default="checkpoints", help="folder for <model>-<dataset>.safetensors/.json")
+    _add_data_args(p)
+    _add_train_args(p, lr=0.1)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sensitivity", help="score every prunable structure and write them as JSON")
+    _add_model_args(p, "safetensors weights of the trained model (with --hf-vision: optional)")
+    p.add_argument("--out", default="sensitivity.json")
+    _add_data_args(p)
+    _add_estimate_args(p)
+    p.set_defaults(func=cmd_sensitivity)
+
+    p = sub.add_parser("prune", help="estimate, plan, apply, fine-tune and report; writes an output folder",
+                       description="Prune a trained model to a parameter, FLOPs or latency budget. Writes report.json, "
+                                   "plan.json, model.safetensors and model.json into --out.")
+    _add_model_args(p, "safetensors weights of the trained model (with --hf-vision: optional, the folder's own)",
+                    required=False)
+    p.add_argument("--out", required=True, help="output folder, written as a unit: a previous run there is replaced "
+                   "only once the new one is complete")
+    p.add_argument("--target", type=float, default=None, help="fraction of the budget to remove, in [0, 1)")
+    p.add_argument("--from-explore", default=None, metavar="FOLDER",
+                   help="the --out folder of `haprune explore`: its model, data, estimate and plan options and its "
+                        "sensitivity pass are used (not recomputed); with --pick")
+    p.add_argument("--pick", type=float, default=None, metavar="TARGET",
+                   help="with --from-explore: the explored target to prune to and fine-tune")
+    _add_plan_args(p)
+    p.add_argument("--finetune-epochs", type=int, default=10, help="(default: %(default)s; 0 = one-shot only)")
+    p.add_argument("--distill", type=float, default=0.0,
+                   help="weight of distillation from the dense model, in [0, 1] (default: %(default)s)")
+    p.add_argument("--onnx", action="store_true", help="also export model.onnx and check it in ONNX Runtime")
     _add_data_args(p)
     _add_estimate_args(p)
     _add_train_args(p, lr=0.01)
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("explore", help="one sensitivity pass, then accuracy against params / FLOPs / latency at "
+                                       "several targets; writes explore.json, explore.png and report.html",
+                       description="Prune a trained model one-shot at several targets from one sensitivity pass and "
+                                   "measure each on the validation split (BatchNorm re-estimated, or compensated with "
+                                   "--compensate): accuracy against parameters, FLOPs and CPU latency remaining. "
+                                   "Then fine-tune the chosen point: haprune prune --from-explore OUT --pick TARGET.")
+    _add_model_args(p, "safetensors weights of the trained model (with --hf-vision: optional, the folder's own)")
+    p.add_argument("--out", required=True, help="output folder (explore.json, explore.png, report.html, "
+                   "sensitivity.safetensors), written as a unit; an interrupted run resumes its measured points")
+    p.add_argument("--targets", type=float, nargs="+", required=True, metavar="T",
+                   help="fractions of the budget to remove, e.g. 0.3 0.5 0.7")
+    p.add_argument("--baseline", choices=("none", "l1", "l2", "random"), default="none",
+                   help="also explore this cheap criterion on the same axes (default: %(default)s)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu; latency is CPU latency)")
+    _add_plan_args(p)
+    _add_data_args(p)
+    _add_estimate_args(p)
+    p.set_defaults(func=cmd_explore)
 
     p = sub.add_parser("eval", help="reload an output folder of `haprune prune` and measure it")
     p.add_argument("folder")
@@ -981,6 +1349,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for a run made with --hf-vision: the model folder, if it moved (default: the recorded one)")
     _add_data_args(p)
     p.set_defaults(func=cmd_eval, dataset=None)
+
+    p = sub.add_parser("report", help="rebuild report.html of a prune or explore folder from its JSON")
+    p.add_argument("folder")
+    p.add_argument("--output", default=None, help="write the page here instead of FOLDER/report.html")
+    p.set_defaults(func=cmd_report)
 
     # prune-hf: listed here, parsed by haprune.hf.cli (imported only when the command runs: it imports torch)
     sub.add_parser("prune-hf", help="prune attention heads / FFN neurons of a Hugging Face classifier "
@@ -1015,6 +1388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _prune_hf_parser().parse_args(argv)
     else:
         args = build_parser().parse_args(argv)
+    args._argv = argv  # the command as typed, for the report (not a setting)
     try:
         return args.func(args)
     except _library_errors() as e:

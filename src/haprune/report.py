@@ -4,7 +4,8 @@
   with the conventions of :class:`~haprune.plan.CostModel`, so they cross-check the planner's predictions.
 * :func:`measure_latency` times several models fairly (interleaved rounds, one shared thread setting).
 * :func:`structure_table` / :func:`format_table` print a plan group by group.
-* :func:`build_report` assembles ``report.json``; :func:`write_report` writes it atomically.
+* :func:`build_report` assembles ``report.json``; :func:`write_report` writes it atomically;
+  :mod:`haprune.report_html` renders it (and an exploration) as one self-contained ``report.html``.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ._fileio import atomic_write_json
-from .graph import eval_mode, run_forward
+from .graph import StructureSet, eval_mode, run_forward
 from .plan import Plan, batch_size, layer_macs, module_macs
 from .threads import num_threads  # re-exported: callers import it from here
 
@@ -43,6 +44,9 @@ __all__ = [
     "format_table",
     "build_report",
     "write_report",
+    "sensitivity_summary",
+    "jsonable",
+    "versions",
 ]
 
 
@@ -182,6 +186,7 @@ def build_report(
     latency_after: Mapping[str, float] | None = None,
     settings: Mapping[str, Any] | None = None,
     started_at: datetime | None = None,
+    structures: StructureSet | None = None,
 ) -> dict[str, Any]:
     """Assemble the JSON-ready content of ``report.json``.
 
@@ -194,13 +199,17 @@ def build_report(
         latency_before, latency_after: one entry of :func:`measure_latency`'s result each.
         settings: the run's options (target, budget, seed, ...), recorded as given.
         started_at: when the run began (timezone-aware); the report records it and the finishing time.
+        structures: the structures ``sensitivity`` scores; given, the sensitivity section holds the distribution
+            of the scores of each group (:func:`sensitivity_summary`), for the report page.
     Non-finite floats become None (JSON has no NaN).
     """
     finished = datetime.now(timezone.utc)
     report = {
         "report_version": REPORT_VERSION,
         "model": {"name": model} if isinstance(model, str) else dict(model),
-        "sensitivity": _sensitivity_section(plan, sensitivity),
+        "sensitivity": {**_sensitivity_section(plan, sensitivity),
+                        **(sensitivity_summary(sensitivity, structures) if sensitivity is not None and structures
+                           is not None else {})},
         "plan": _plan_section(plan),
         "params": _before_after(costs_before["params"], costs_after["params"]),
         "flops": _before_after(costs_before["flops"], costs_after["flops"]),
@@ -212,12 +221,12 @@ def build_report(
         "timestamps": {"started": started_at.isoformat() if started_at else None, "finished": finished.isoformat(),
                        "seconds": round((finished - started_at).total_seconds(), 3) if started_at else None},
     }
-    return _jsonable(report)
+    return jsonable(report)
 
 
 def write_report(path: str | os.PathLike[str], report: Mapping[str, Any]) -> None:
     """Write ``report`` as JSON to ``path`` atomically (non-finite floats become null)."""
-    atomic_write_json(path, _jsonable(report))
+    atomic_write_json(path, jsonable(report))
 
 
 def versions() -> dict[str, str | None]:
@@ -245,6 +254,20 @@ def _sensitivity_section(plan: Plan, sensitivity: Sensitivity | None) -> dict[st
     return section
 
 
+QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def sensitivity_summary(sensitivity: Sensitivity, structures: StructureSet) -> dict[str, Any]:
+    """``{"per_group": {group: {"n", "min", "q1", "median", "q3", "max"}}}``: the distribution of the scores of
+    each group's structures (what the report page draws as one box per layer)."""
+    per_group = {}
+    for name, scores in structures.split(sensitivity.scores.double().cpu()).items():
+        if scores.numel():
+            q = torch.quantile(scores, torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
+            per_group[name] = {"n": int(scores.numel()), **dict(zip(("min", "q1", "median", "q3", "max"), q))}
+    return {"per_group": per_group}
+
+
 def _plan_section(plan: Plan) -> dict[str, Any]:
     return {"target": plan.target, "budget": plan.budget, "implant_kind": plan.implant_kind,
             "achieved": dict(plan.achieved), "counts": plan.counts(), "groups": structure_table(plan)}
@@ -264,16 +287,16 @@ def _latency_section(before: Mapping[str, float] | None, after: Mapping[str, flo
             "speedup": speedup}
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """A copy of ``obj`` made of JSON types: tensors and numpy values become lists / numbers, NaN becomes None."""
     if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, (torch.Tensor, np.ndarray)):
-        return _jsonable(obj.tolist())
+        return jsonable(obj.tolist())
     if isinstance(obj, np.generic):
-        return _jsonable(obj.item())
+        return jsonable(obj.item())
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if obj is None or isinstance(obj, (str, int, float, bool)):
