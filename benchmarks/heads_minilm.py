@@ -221,11 +221,8 @@ def run_one(net, dense_meta, data, calib, structures, criterion, target, seed, a
 
 def plots(results: Path, rows: list[dict], dense: dict[int, float]) -> list[str]:
     """Accuracy vs fraction of heads pruned, one line per criterion (mean ± std over seeds); SVG files."""
-    import importlib.util
+    from haprune.plots import line_plot, save_figure
 
-    spec = importlib.util.spec_from_file_location("plot_svg", Path(__file__).with_name("plot_svg.py"))
-    plot_svg = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot_svg)
     names = []
     hline = ("dense", 100 * statistics.fmean(dense.values())) if dense else None
     for key, label in (("accuracy_finetuned", "after fine-tuning"), ("accuracy_oneshot", "one-shot")):
@@ -239,8 +236,8 @@ def plots(results: Path, rows: list[dict], dense: dict[int, float]) -> list[str]
             if pts:
                 series[c] = pts
         name = f"{key}.svg"
-        plot_svg.line_plot(series, results / name, title=f"MiniLM on Rotten Tomatoes: test accuracy {label}",
-                           xlabel="heads pruned (%)", ylabel="test accuracy (%)", hline=hline)
+        save_figure(line_plot(series, title=f"MiniLM on Rotten Tomatoes: test accuracy {label}",
+                              xlabel="heads pruned (%)", ylabel="test accuracy (%)", hline=hline), results / name)
         names.append(name)
     return names
 

@@ -31,7 +31,6 @@ import argparse
 import copy
 import functools
 import hashlib
-import importlib.util
 import json
 import os
 import platform
@@ -738,15 +737,6 @@ def load_records(results_dir: Path = RESULTS) -> list[dict]:
 
 # -- plots
 
-@functools.cache
-def _plot_svg():
-    """benchmarks/plot_svg.py, loaded from its path (benchmarks/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("haprune_plot_svg", Path(__file__).with_name("plot_svg.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _line_series(records: list[dict], acc_key: str, x_budget: str) -> dict[str, list[tuple[float, float, float]]]:
     """criterion -> (fraction of ``x_budget`` remaining, accuracy % mean, std) per target, over seeds."""
     series = {}
@@ -796,13 +786,17 @@ def _draw_widths(record: dict, title: str, path: Path) -> None:
     sizes, removed, implanted = ([widths[n][k] for n in names] for k in range(3))
     stacks = {"kept": [s - r - i for s, r, i in zip(sizes, removed, implanted)], "implanted": implanted,
               "removed": removed}
-    _plot_svg().stacked_bar_plot(_short_names(names), stacks, path, title=title, xlabel="group (root module)",
-                                 ylabel="channels", colours=WIDTH_COLOURS)
+    from haprune.plots import save_figure, stacked_bar_plot
+
+    save_figure(stacked_bar_plot(_short_names(names), stacks, title=title, xlabel="group (root module)",
+                                 ylabel="channels", colours=WIDTH_COLOURS), path)
 
 
 def _draw_lines(series: dict, dense: float, title: str, xlabel: str, ylabel: str, path: Path) -> None:
-    _plot_svg().line_plot(series, path, title=title, xlabel=xlabel, ylabel=ylabel, width=760, height=520,
-                          hline=(f"dense {dense:.2f}%", dense))
+    from haprune.plots import line_plot, save_figure
+
+    save_figure(line_plot(series, title=title, xlabel=xlabel, ylabel=ylabel, hline=(f"dense {dense:.2f}%", dense)),
+                path)
 
 
 def plot_jobs(records: list[dict]) -> list[PlotJob]:

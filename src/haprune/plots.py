@@ -89,10 +89,13 @@ def line_plot(series: Mapping[str, Sequence[Point]], *, title: str, xlabel: str,
 
 
 def stacked_bar_plot(categories: Sequence[str], stacks: Mapping[str, Sequence[float]], *, title: str, xlabel: str,
-                     ylabel: str, colours: Mapping[str, str] | None = None, width: float | None = None,
-                     height: float = 4.8) -> "Figure":
+                     ylabel: str, colours: Mapping[str, str] | Sequence[str] | None = None,
+                     width: float | None = None, height: float = 4.8) -> "Figure":
     """One bar per category, stacked bottom-up from the segments of ``stacks`` (segment label -> one value per
-    category); category labels rotated, thinned to about 60 when there are more."""
+    category); ``colours`` per segment label, or in segment order; category labels rotated, thinned to about 60
+    when there are more."""
+    if colours is not None and not isinstance(colours, Mapping):
+        colours = dict(zip(stacks, colours))
     n = len(categories)
     fig, (ax,) = _figure(width or min(16.0, max(6.0, 0.16 * n + 3)), height)
     bottom = [0.0] * n
@@ -191,8 +194,9 @@ def figure_bytes(fig: "Figure", fmt: str = "png", dpi: int = 110) -> bytes:
     import matplotlib
 
     buf = io.BytesIO()
+    fig.draw_without_rendering()  # settle the constrained layout first: every save of a figure is then the same
     metadata = {"Date": None} if fmt == "svg" else {"Software": None}
-    with matplotlib.rc_context({"svg.hashsalt": "haprune", "svg.fonttype": "path"}):
+    with matplotlib.rc_context({"svg.hashsalt": "haprune", "svg.fonttype": "none"}):
         fig.savefig(buf, format=fmt, dpi=dpi, metadata=metadata)
     return buf.getvalue()
 
