@@ -55,3 +55,12 @@ test-hf5: $(HF5)/.installed
 
 clean-demo:
 	rm -rf runs/demo
+
+# report.html as a user sees it: the browser test of tests/test_report_html.py, then screenshots of the pages of
+# benchmarks/explore_cost.py's runs (docs/images/report_page.png, explore_page.png) in headless Chromium
+# (Debian package chromium: apt-get install chromium).
+.PHONY: check-report
+check-report: install
+	@command -v chromium >/dev/null || { echo "check-report needs chromium: apt-get install chromium"; exit 1; }
+	$(PY) -m pytest -q tests/test_report_html.py
+	$(PY) benchmarks/report_screenshots.py
