@@ -97,6 +97,35 @@ class RidgeRegression:
         self.y_mean += dy * (other.count / total)
         self.count = total
 
+    def all_reduce(self, group=None) -> "RidgeRegression":
+        """Sum the rows of every rank of ``group`` into this accumulator, in place, on every rank (so that every rank
+        solves the same system: the one of all ranks' rows together). The centred sums are turned into raw sums
+        (``X^T X = centred + n mean mean^T``), all-reduced in one collective, and centred again, in float64. A
+        no-op without a group (:mod:`haprune.distributed`)."""
+        from .. import distributed
+
+        if distributed.world(group) == 1:
+            return self
+        n = float(self.count)
+        raw = {"count": torch.tensor([n], dtype=torch.float64), "sx": self.x_mean * n, "sy": self.y_mean * n,
+               "xtx": self.xtx.clone(), "xty": self.xty.clone(), "yty": self.yty.clone()}
+        if self.intercept:
+            raw["xtx"] += n * torch.outer(self.x_mean, self.x_mean)
+            raw["xty"] += n * torch.outer(self.x_mean, self.y_mean)
+            raw["yty"] += n * self.y_mean * self.y_mean
+        distributed.all_reduce_dict(raw, group)
+        total = int(round(float(raw["count"])))
+        self.count = total
+        if total == 0:
+            return self
+        self.x_mean, self.y_mean = raw["sx"] / total, raw["sy"] / total
+        self.xtx, self.xty, self.yty = raw["xtx"], raw["xty"], raw["yty"]
+        if self.intercept:
+            self.xtx -= total * torch.outer(self.x_mean, self.x_mean)
+            self.xty -= total * torch.outer(self.x_mean, self.y_mean)
+            self.yty -= total * self.y_mean * self.y_mean
+        return self
+
     def gram(self) -> torch.Tensor:
         """The (centred, with an intercept) input Gram matrix ``X^T X`` (d x d, float64): the layer-local Hessian of
         the squared reconstruction error up to a factor 2."""

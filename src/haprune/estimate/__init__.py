@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..graph import StructureSet
 from ..outputs import OutputFn, logits_of
 from .base import (
@@ -132,7 +133,7 @@ def _check_options(criterion: str, options: dict[str, Any]) -> None:
            "auto": [hutchinson, ggn, fisher], "obs": [obs_saliency], "obs-ggn": [obs_saliency]}.get(criterion, [])
     known = {n for fn in fns for n in inspect.signature(fn).parameters} - {
         "model", "structures", "batches", "loss_fn", "seed", "progress", "labels", "output_fn", "time_budget",
-        "output_weights", "grams"}
+        "output_weights", "grams", "group", "batch_ids"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise TypeError(f"criterion {criterion!r} takes no option {', '.join(map(repr, unknown))}"
@@ -153,6 +154,7 @@ def estimate(
     progress: bool = True,
     auto_max_classes: int = 100,
     time_budget: float | None = None,
+    group: Any = None,
     **options: Any,
 ) -> Sensitivity:
     """Score every structure of ``structures`` on ``model`` with ``criterion``.
@@ -170,6 +172,11 @@ def estimate(
         options: passed to the criterion (``max_probes``, ``tol``, ``min_probes`` for hutchinson;
             ``chunk_size``/``memory_budget_mb`` for ggn and fisher; ``samples_per_input`` (may be a fraction)
             and ``sampling`` (``importance`` or ``multinomial``) for fisher).
+        group: a ``torch.distributed`` process group to spread the pass over (e.g.
+            :func:`haprune.distributed.init_from_env`'s); None (default): this process alone. Every rank passes the same ``batches`` and model; rank r takes batches r, r + N, ... (of the
+            first ``num_batches``), the per-structure sums, counts and second moments are all-reduced, and each
+            batch's random stream is seeded by its global position: the scores equal the single-process ones on the
+            same batches up to floating-point summation order (:mod:`haprune.distributed`). Every rank returns them.
 
     Raises:
         CalibrationDataError: no batches, non-finite inputs, labels out of range, a non-finite loss.
@@ -189,26 +196,38 @@ def estimate(
     if criterion == "auto" and time_budget is None:
         time_budget = AUTO_TIME_BUDGET
     device = model_device(model)
-    data = materialise_batches(batches, device, num_batches)
+    shard = list(distributed.shard(batches, group, limit=num_batches, with_index=True))
+    batch_ids = [i for i, _ in shard]
+    ranks = distributed.world(group)
+    fewest = int(distributed.all_reduce_min(torch.tensor([len(shard)]), group).item())
+    if ranks > 1 and fewest == 0:
+        raise CalibrationDataError(f"{ranks} processes need at least {ranks} calibration batches (one per process, "
+                                   "rank r takes batches r, r + N, ...): pass more or smaller batches")
+    data = distributed.raise_together(lambda: materialise_batches([b for _, b in shard], device), group)
     loss_name = "cross_entropy" if loss_fn is None else "custom"
     custom_loss = loss_fn
     loss_fn = loss_fn or default_loss
     start = time.perf_counter()
-    info: dict[str, Any] = {"batches": len(data), "samples": sum(len(y) for _, y in data)}
+    counts = distributed.all_reduce(torch.tensor([len(data), sum(len(y) for _, y in data)]), group).tolist()
+    info: dict[str, Any] = {"batches": counts[0], "samples": counts[1]}
+    if ranks > 1:
+        info["processes"] = ranks
     with eval_mode(model):
         check_parameters(model)
-        _, info["first_batch"] = check_first_batch(model, data[0], custom_loss, output_fn)
+        _, info["first_batch"] = distributed.raise_together(
+            lambda: check_first_batch(model, data[0], custom_loss, output_fn), group)
         if criterion == "auto":
             criterion, why, facts = choose_auto(model, data, loss_name, auto_max_classes, loss_fn=custom_loss,
                                                 output_fn=output_fn, structures=structures)
             info["auto"] = {"chose": criterion, "why": why, **facts}
             log.info("auto chose %s: %s", criterion, why)
-            if progress:  # the user watching a progress bar sees the choice too (logging is silent by default)
+            if progress and distributed.is_main(group):  # the user watching a progress bar sees the choice too (logging is silent by default)
                 tqdm.write(f"haprune estimate: auto chose {criterion}: {why}", file=sys.stderr)
             options = _accepted(criterion, options)  # e.g. max_probes only matters if auto chose hutchinson
         info["exact"] = False
         result: dict[str, Any]
-        common = {"progress": progress, "output_fn": output_fn, "time_budget": time_budget}
+        common = {"progress": progress and distributed.is_main(group), "output_fn": output_fn,
+                  "time_budget": time_budget, "group": group}
         if criterion == "hutchinson":
             params = structure_params(model, structures)[1]
             with eager_attention(model) as switched:
@@ -219,26 +238,29 @@ def estimate(
                         "criterion 'fisher' or 'ggn' (first derivatives only) or 'auto'")
                 if switched:
                     info["attention"] = "switched to eager for the double backward, restored: " + "; ".join(switched)
-                result = hutchinson(model, structures, data, loss_fn=loss_fn, seed=seed, **common, **options)
+                result = hutchinson(model, structures, data, loss_fn=loss_fn, seed=seed, batch_ids=batch_ids,
+                                    **common, **options)
         elif criterion == "ggn":
             result = ggn(model, structures, data, **common, **options)
             info["exact"] = not nonlinear_ops(model, data[0][0][:1], output_fn)
         elif criterion in ("fisher", "empirical_fisher"):
             labels = "true" if criterion == "empirical_fisher" else "sampled"
-            result = fisher(model, structures, data, labels=labels, seed=seed, **common, **options)
+            result = fisher(model, structures, data, labels=labels, seed=seed, batch_ids=batch_ids, **common,
+                            **options)
             score = score or ("obd" if criterion == "empirical_fisher" else None)
         elif criterion in ("l1", "l2"):
             result = {"scores": magnitude(model, structures, 1 if criterion == "l1" else 2)}
         elif criterion == "taylor":
-            result = taylor(model, structures, data, loss_fn=loss_fn, output_fn=output_fn)
+            result = taylor(model, structures, data, loss_fn=loss_fn, output_fn=output_fn, group=group)
         elif criterion == "obs":
-            result = {"scores": obs_saliency(model, structures, data, progress=progress, **options)}
+            result = {"scores": obs_saliency(model, structures, data, progress=common["progress"], group=group,
+                                             **options)}
         elif criterion == "obs-ggn":
             curvature = ggn(model, structures, data, **common)
-            grams = consumer_grams(model, structures, data)
-            weights = output_curvature(model, structures, curvature["diag"], data, grams=grams)
+            grams = consumer_grams(model, structures, data, group=group)
+            weights = output_curvature(model, structures, curvature["diag"], data, grams=grams, group=group)
             result = {"scores": obs_saliency(model, structures, data, output_weights=weights, grams=grams,
-                                             progress=progress, **options), "info": curvature.get("info", {})}
+                                             progress=common["progress"], **options), "info": curvature.get("info", {})}
         else:
             result = {"scores": random_scores(structures, seed)}
         if criterion in CURVATURE:

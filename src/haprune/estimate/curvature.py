@@ -10,6 +10,12 @@
 - :func:`fisher`: the Fisher diagonal from per-sample gradients, with labels sampled from the model (an
   unbiased Monte-Carlo estimate of the GGN for cross-entropy) or the true labels (the empirical Fisher).
 
+Distributed (``group``, see :mod:`haprune.distributed`): each rank passes its shard of the calibration batches
+with their global positions (``batch_ids``); per-structure sums, sample counts, second moments and the per-batch
+stopping statistics are all-reduced (or gathered) before anything is divided by a count, and every batch's random
+stream (probes, sampled labels) is seeded by its global position (:func:`batch_generator`), so N ranks give the
+single-process result on the same batches up to floating-point summation order.
+
 Memory: per-sample quantities are computed in chunks of at most ``chunk_size`` samples; the peak is about
 chunk_size x (outputs for ggn, 1 for fisher) x (structure parameters) floats, plus one batch's activations.
 """
@@ -25,6 +31,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, jacrev, vmap
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..graph import StructureSet
 from ..outputs import OutputFn, logits_of
 from .base import (
@@ -84,6 +91,33 @@ def _rademacher(p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 STOP_RULES = ("rank", "stderr")
 
 
+def batch_generator(seed: int, index: int) -> torch.Generator:
+    """The random stream of calibration batch ``index`` (its position in the whole calibration set): batch 0 uses
+    ``seed`` itself, batch i > 0 a seed derived from (seed, i). One stream per batch makes the draws independent
+    of how the batches are split among ranks (and of the batches before: a time budget or a stopping rule that
+    ends one batch early changes nothing of the next)."""
+    if index == 0:
+        return torch.Generator().manual_seed(seed)
+    return torch.Generator().manual_seed((seed * 1_000_003 + index * 7_919 + 0x5DEECE66D) % (2**63 - 1))
+
+
+def global_count(n: int, group: distributed.Group = None) -> int:
+    """``n`` summed over the ranks of ``group`` (``n`` itself without one)."""
+    return int(distributed.all_reduce(torch.tensor([int(n)], dtype=torch.int64), group).item())
+
+
+def in_batch_order(ids: list[int], group: distributed.Group, *lists: list) -> list[list]:
+    """Per-batch lists of every rank (each entry belonging to batch ``ids[j]``), merged in global batch order."""
+    if distributed.world(group) == 1:
+        return [list(x) for x in lists]
+    merged: dict[int, list] = {}
+    for part in distributed.all_gather_json([list(ids), [list(x) for x in lists]], group):
+        for j, i in enumerate(part[0]):
+            merged[i] = [x[j] if j < len(x) else None for x in part[1]]
+    order = sorted(merged)
+    return [[merged[i][k] for i in order if merged[i][k] is not None] for k in range(len(lists))]
+
+
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     ra, rb = (t.argsort().argsort().double() for t in (a, b))
     ra, rb = ra - ra.mean(), rb - rb.mean()
@@ -104,7 +138,8 @@ def split_half_reliability(even: torch.Tensor, odd: torch.Tensor, factor: torch.
 def hutchinson(model: nn.Module, structures: StructureSet, batches: list[Batch], *, loss_fn: LossFn = default_loss,
                min_probes: int = 16, max_probes: int = 300, stop: str = "rank", reliability: float = 0.95,
                tol: float = 0.05, check_every: int = 8, seed: int = 0, progress: bool = True,
-               time_budget: float | None = None, output_fn: OutputFn | None = None) -> dict[str, Any]:
+               time_budget: float | None = None, output_fn: OutputFn | None = None,
+               batch_ids: list[int] | None = None, group: distributed.Group = None) -> dict[str, Any]:
     """Hutchinson estimates of each structure's Hessian block trace, averaged over calibration batches.
 
     For each batch: one backward with ``create_graph=True``; then probes v (Rademacher over the structures'
@@ -124,6 +159,10 @@ def hutchinson(model: nn.Module, structures: StructureSet, batches: list[Batch],
     ``time_budget`` (seconds, None: unbounded) bounds the whole run: batch i stops probing (after at least two
     probes) once i+1 equal shares of the budget are spent; ``info["stopped_by"]`` says per batch what ended it
     (``"reliability"``, ``"tol"``, ``"max_probes"`` or ``"time_budget"``), beside the reliability reached.
+
+    Each batch draws its probes from its own stream (:func:`batch_generator` of ``seed`` and its position
+    ``batch_ids[i]``, default i) and stops by its own rule, so with ``group`` every rank probes its shard and the
+    weighted sums are all-reduced: the single-process result on the union of the shards.
     """
     if stop not in STOP_RULES:
         raise ValueError(f"stop must be one of {STOP_RULES}, got {stop!r}")
@@ -137,8 +176,8 @@ def hutchinson(model: nn.Module, structures: StructureSet, batches: list[Batch],
     names, params = structure_params(model, structures)
     factor = (structures.reduce(weight_sq(model, structures)) / structures.numel()).to(params[0].device)
     reliabilities: list[float] = []
-    gen = torch.Generator().manual_seed(seed)
-    total = sum(len(y) for _, y in batches)
+    ids = list(range(len(batches))) if batch_ids is None else list(batch_ids)
+    total = global_count(sum(len(y) for _, y in batches), group)
     trace = torch.zeros(structures.num_structures, dtype=torch.float64)
     var = torch.zeros_like(trace)
     diag = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in zip(names, params)}
@@ -157,6 +196,7 @@ def hutchinson(model: nn.Module, structures: StructureSet, batches: list[Batch],
         n = 0
         halves = [torch.zeros_like(mean), torch.zeros_like(mean)]
         rel = float("nan")
+        gen = batch_generator(seed, ids[bi])
         while n < max_probes:
             vs = [_rademacher(p, gen) for p in params]
             hvs = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=True)
@@ -195,6 +235,8 @@ def hutchinson(model: nn.Module, structures: StructureSet, batches: list[Batch],
         if stop == "rank":
             reliabilities.append(round(split_half_reliability(halves[0], halves[1], factor), 4))
     bar.close()
+    distributed.all_reduce_dict({"trace": trace, "var": var, **{"diag/" + k: v for k, v in diag.items()}}, group)
+    probes_used, stopped_by, reliabilities = in_batch_order(ids, group, probes_used, stopped_by, reliabilities)
     info = {"probes_per_batch": probes_used, "stop": stop, "max_probes": max_probes, "exact": False,
             "stopped_by": stopped_by, "time_budget": time_budget}
     if "time_budget" in stopped_by:
@@ -262,7 +304,8 @@ def _squared_grads(model: nn.Module, names: list[str], output_fn: OutputFn | Non
 
 def ggn(model: nn.Module, structures: StructureSet, batches: list[Batch], *, loss: str = "cross_entropy",
         chunk_size: int | None = None, memory_budget_mb: float = 1024, progress: bool = True,
-        time_budget: float | None = None, output_fn: OutputFn | None = None) -> dict[str, Any]:
+        time_budget: float | None = None, output_fn: OutputFn | None = None,
+        group: distributed.Group = None) -> dict[str, Any]:
     """Exact Gauss-Newton diagonal (and block traces) of the mean loss over the calibration batches.
 
     Cross-entropy: diag(GGN) = mean_n sum_k p_nk * (grad log p_k(x_n))^2 (the Fisher identity: J^T (diag p -
@@ -270,7 +313,8 @@ def ggn(model: nn.Module, structures: StructureSet, batches: list[Batch], *, los
     Mean-squared error (``loss="mse"``, mean over the K outputs): diag(GGN) = mean_n 2/K * sum_k (J_nk)^2 from
     per-sample Jacobians. Per-sample work runs in chunks that keep it under ``memory_budget_mb``.
     With ``time_budget`` (seconds), batches after the one that spends it are skipped (at least one batch is used;
-    the result is the mean over the batches used, ``info["batches_used"]``).
+    the result is the mean over the batches used, ``info["batches_used"]``). With ``group``, each rank passes
+    its shard of the batches; the sums and counts are all-reduced.
     """
     start = time.perf_counter()
     names, plist = structure_params(model, structures)
@@ -306,10 +350,12 @@ def ggn(model: nn.Module, structures: StructureSet, batches: list[Batch], *, los
         bar.update(len(x))
         used += len(x)
     bar.close()
+    distributed.all_reduce_dict(diag, group)
+    counts = distributed.all_reduce(torch.tensor([used, bi_used(batches, used), len(batches)]), group).tolist()
+    used = counts[0]
     diag = {n: (d / used).cpu() for n, d in diag.items()}
     return {"trace": structures.reduce(diag), "stderr": None, "diag": diag,
-            "info": _budget_info({"samples": used, "loss": loss}, "ggn", bi_used(batches, used), batches,
-                                 time_budget)}
+            "info": _budget_info({"samples": used, "loss": loss}, "ggn", counts[1], counts[2], time_budget)}
 
 
 def importance_draws(probs: torch.Tensor, draws: int, generator: torch.Generator, parts: int = 1
@@ -368,7 +414,8 @@ def importance_draws(probs: torch.Tensor, draws: int, generator: torch.Generator
 def fisher(model: nn.Module, structures: StructureSet, batches: list[Batch], *, labels: str = "sampled",
            sampling: str = "importance", samples_per_input: float = 1.0, stderr_groups: int = 8, seed: int = 0,
            chunk_size: int | None = None, memory_budget_mb: float = 1024, progress: bool = True,
-           time_budget: float | None = None, output_fn: OutputFn | None = None) -> dict[str, Any]:
+           time_budget: float | None = None, output_fn: OutputFn | None = None,
+           batch_ids: list[int] | None = None, group: distributed.Group = None) -> dict[str, Any]:
     """Fisher diagonal from per-sample squared gradients of the cross-entropy (correctly per sample).
 
     ``labels="sampled"``: an unbiased Monte-Carlo estimate of the GGN diagonal (the true Fisher) from about
@@ -384,6 +431,8 @@ def fisher(model: nn.Module, structures: StructureSet, batches: list[Batch], *, 
     ``labels="true"``: the data's labels (the empirical Fisher), one gradient per input.
 
     With ``time_budget`` (seconds), batches after the one that spends it are skipped (at least one is used).
+    Labels are drawn from one stream per batch (:func:`batch_generator` of ``seed`` and the batch's position
+    ``batch_ids[i]``); with ``group`` each rank passes its shard and the sums and counts are all-reduced.
     """
     start = time.perf_counter()
     if labels not in ("sampled", "true"):
@@ -399,14 +448,15 @@ def fisher(model: nn.Module, structures: StructureSet, batches: list[Batch], *, 
     names, plist = structure_params(model, structures)
     num = sum(p.numel() for p in plist)
     _, accumulate = _squared_grads(model, names, output_fn)
-    gen = torch.Generator().manual_seed(seed)
+    ids = list(range(len(batches))) if batch_ids is None else list(batch_ids)
     importance = labels == "sampled" and not multinomial
     draws_per_batch = [max(1, round(samples_per_input * len(y))) for _, y in batches]
+    fewest = int(distributed.all_reduce_min(torch.tensor([min(draws_per_batch, default=2**31)]), group).item())
     # importance sampling keeps ``parts`` interleaved sub-sums (random groups) for a standard error, as many as a
     # quarter of the memory budget holds (at most stderr_groups, at most the draws of the smallest batch)
     parts = 1
     if importance:
-        parts = int(min(stderr_groups, min(draws_per_batch), memory_budget_mb * 2**20 / 4 // (8 * num)))
+        parts = int(min(stderr_groups, fewest, memory_budget_mb * 2**20 / 4 // (8 * num)))
         parts = parts if parts >= 2 else 1
     acc = {n: torch.zeros((parts, *p.shape), dtype=torch.float64, device=p.device) for n, p in zip(names, plist)}
     size = chunk_size or _auto_chunk(num, 1, memory_budget_mb * 2**20, plist[0].element_size())
@@ -417,9 +467,10 @@ def fisher(model: nn.Module, structures: StructureSet, batches: list[Batch], *, 
         if bi and time_budget is not None and time.perf_counter() - start > time_budget:
             break
         inputs += len(x)
+        gen = batch_generator(seed, ids[bi])
         with torch.no_grad():
             logits = forward_logits(model, x, output_fn)
-        check_loss(F.cross_entropy(logits, y), bi)
+        check_loss(F.cross_entropy(logits, y), ids[bi])
         ones = torch.ones(1, len(x), device=x.device)
         if labels == "true":
             accumulate(acc, x, y, ones, size)
@@ -438,6 +489,10 @@ def fisher(model: nn.Module, structures: StructureSet, batches: list[Batch], *, 
             gradients += len(rows)
         bar.update(len(x))
     bar.close()
+    distributed.all_reduce_dict(acc, group)
+    counts = distributed.all_reduce(
+        torch.tensor([inputs, gradients, bi_used(batches, inputs), len(batches)]), group).tolist()
+    inputs, gradients = counts[0], counts[1]
     diag = {n: (a.sum(0) / inputs).cpu() for n, a in acc.items()}
     stderr = None
     if parts > 1:  # part k alone estimates the total as parts * (its sum): the spread of those gives the error
@@ -449,7 +504,7 @@ def fisher(model: nn.Module, structures: StructureSet, batches: list[Batch], *, 
         info.update({"sampling": sampling, "samples_per_input": samples_per_input})
     if stderr is not None:
         info["stderr_groups"] = parts
-    info = _budget_info(info, "fisher", bi_used(batches, inputs), batches, time_budget)
+    info = _budget_info(info, "fisher", counts[2], counts[3], time_budget)
     return {"trace": structures.reduce(diag), "stderr": stderr, "diag": diag, "info": info}
 
 
@@ -463,11 +518,11 @@ def bi_used(batches: list[Batch], samples: int) -> int:
     return len(batches)
 
 
-def _budget_info(info: dict[str, Any], name: str, used: int, batches: list[Batch],
+def _budget_info(info: dict[str, Any], name: str, used: int, batches: int,
                  time_budget: float | None) -> dict[str, Any]:
     info["time_budget"] = time_budget
-    if used < len(batches):
+    if used < batches:
         info["batches_used"] = used
         log.warning("%s: the time budget of %s s was spent after %d of %d calibration batches; the estimate uses "
-                    "those", name, time_budget, used, len(batches))
+                    "those", name, time_budget, used, batches)
     return info

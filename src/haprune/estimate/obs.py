@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..graph import Group, StructureSet, eval_mode, model_device
 
 __all__ = ["obs_saliency", "output_curvature", "patches", "consumers", "consumer_grams", "InputGram"]
@@ -86,7 +87,7 @@ class InputGram:
 
 
 def _grams(model: nn.Module, names: list[str], batches: list[Batch], chunk_rows: int,
-           progress: bool) -> dict[str, InputGram]:
+           progress: bool, group: distributed.Group = None) -> dict[str, InputGram]:
     mods = {n: model.get_submodule(n) for n in names}
     grams: dict[str, InputGram] = {}
 
@@ -109,6 +110,17 @@ def _grams(model: nn.Module, names: list[str], batches: list[Batch], chunk_rows:
     finally:
         for h in handles:
             h.remove()
+    if distributed.world(group) > 1:  # every rank's sums over its shard of the batches, added up
+        widths = distributed.all_gather_json({n: g.s.numel() for n, g in grams.items()}, group)
+        for table in widths:
+            for n, d in table.items():
+                grams.setdefault(n, InputGram(d))
+        counts = torch.tensor([grams[n].n for n in sorted(grams)], dtype=torch.int64)
+        distributed.all_reduce(counts, group)
+        distributed.all_reduce_dict({**{f"s/{n}": g.s for n, g in grams.items()},
+                                     **{f"ss/{n}": g.ss for n, g in grams.items()}}, group)
+        for n, c in zip(sorted(grams), counts.tolist()):
+            grams[n].n = c
     return grams
 
 
@@ -148,16 +160,18 @@ def _block_obs(h: torch.Tensor, w: torch.Tensor, cols: list[torch.Tensor], ridge
 
 
 def consumer_grams(model: nn.Module, structures: StructureSet, batches: Iterable[Batch], *,
-                   chunk_rows: int = 65536, progress: bool = False) -> dict[str, InputGram]:
+                   chunk_rows: int = 65536, progress: bool = False,
+                   group: distributed.Group = None) -> dict[str, InputGram]:
     """Every consumer layer's input Gram sums over ``batches`` (one forward pass), to share between
-    :func:`obs_saliency` and :func:`output_curvature`."""
+    :func:`obs_saliency` and :func:`output_curvature` (with ``group``: summed over every rank's batches)."""
     names = sorted({n for g in structures for n, _, _ in consumers(model, g)})
-    return _grams(model, names, list(batches), chunk_rows, progress)
+    return _grams(model, names, list(batches), chunk_rows, progress, group)
 
 
 def output_curvature(model: nn.Module, structures: StructureSet, diag: dict[str, torch.Tensor],
                      batches: Iterable[Batch], *, chunk_rows: int = 65536, progress: bool = False,
-                     grams: dict[str, InputGram] | None = None) -> dict[str, torch.Tensor]:
+                     grams: dict[str, InputGram] | None = None,
+                     group: distributed.Group = None) -> dict[str, torch.Tensor]:
     """Per consumer layer, ``h_o = sum_i GGN[o, i] / sum_i E_rows[x_i^2]``: the loss curvature per unit of
     squared error in output row ``o`` (per calibration row), from a GGN (or Fisher) diagonal ``diag`` of the
     weights (``haprune.estimate.curvature.ggn(...)["diag"]``, the mean loss over samples). Under the
@@ -166,8 +180,8 @@ def output_curvature(model: nn.Module, structures: StructureSet, diag: dict[str,
     batches = list(batches)
     names = sorted({n for g in structures for n, _, _ in consumers(model, g) if f"{n}.weight" in diag})
     if grams is None:
-        grams = _grams(model, names, batches, chunk_rows, progress)
-    samples = sum(len(x) for x, _ in batches)
+        grams = _grams(model, names, batches, chunk_rows, progress, group)
+    samples = int(distributed.all_reduce(torch.tensor([sum(len(x) for x, _ in batches)]), group).item())
     out = {}
     for n in names:
         g = grams.get(n)
@@ -182,7 +196,8 @@ def output_curvature(model: nn.Module, structures: StructureSet, diag: dict[str,
 
 def obs_saliency(model: nn.Module, structures: StructureSet, batches: Iterable[Batch], *, ridge: float = 1e-4,
                  output_weights: dict[str, torch.Tensor] | None = None, chunk_rows: int = 65536,
-                 progress: bool = False, grams: dict[str, InputGram] | None = None) -> torch.Tensor:
+                 progress: bool = False, grams: dict[str, InputGram] | None = None,
+                 group: distributed.Group = None) -> torch.Tensor:
     """One score per structure (``structures`` order, higher = keep): the summed structured OBS saliency of the
     channel over the group's consumer layers (see the module docstring), float64.
 
@@ -198,12 +213,12 @@ def obs_saliency(model: nn.Module, structures: StructureSet, batches: Iterable[B
     usual CNNs, where the classifier is the last consumer.
     """
     batches = list(batches)
-    if not batches:
+    if not batches and distributed.world(group) == 1:
         raise ValueError("obs_saliency needs calibration batches: pass at least one (inputs, targets) batch")
     per_group = {g.name: consumers(model, g) for g in structures}
     names = sorted({n for cs in per_group.values() for n, _, _ in cs})
     if grams is None:
-        grams = _grams(model, names, batches, chunk_rows, progress)
+        grams = _grams(model, names, batches, chunk_rows, progress, group)
     scores = torch.zeros(structures.num_structures, dtype=torch.float64)
     unmeasured = [g for g in structures if not per_group[g.name]]
     for g in structures:

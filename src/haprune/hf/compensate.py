@@ -86,11 +86,13 @@ def _run(model: nn.Module, x: Any, hooks: dict[nn.Module, Any]) -> None:
 @torch.no_grad()
 def collect_regressions(model: nn.Module, batches: Iterable[Any], layers: list[str], *,
                         targets: nn.Module | None = None, mask_fn: MaskFn | None = None,
-                        intercept: dict[str, bool] | None = None) -> dict[str, RidgeRegression]:
+                        intercept: dict[str, bool] | None = None, group: Any = None
+                        ) -> dict[str, RidgeRegression]:
     """One :class:`RidgeRegression` per layer name: rows = non-padding tokens, X = the layer's input in ``model``,
     Y = the same-named layer's output in ``targets`` (default: ``model`` itself). ``intercept[name]``: centre
     (fit a bias); default: whether the layer has a bias. One forward pass per model and batch; a pass stops
-    after the last listed layer."""
+    after the last listed layer. With ``group`` (:mod:`haprune.distributed`) each rank passes its shard of the
+    batches and the sums are all-reduced."""
     mask_fn = mask_fn or packed_token_mask
     targets = model if targets is None else targets
     mods = {n: model.get_submodule(n) for n in layers}
@@ -126,6 +128,8 @@ def collect_regressions(model: nn.Module, batches: Iterable[Any], layers: list[s
                 regs[n].add(token_rows(xs[n], mask), token_rows(ys[n], mask))
             xs.clear()
             ys.clear()
+    for n in sorted(regs):  # with a process group: every rank's rows (its shard of the batches) together
+        regs[n].all_reduce(group)
     return regs
 
 

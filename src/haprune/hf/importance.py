@@ -14,6 +14,10 @@ layer's squared reconstruction error by exactly  sum_i w_iS^T [(H^-1)_SS]^-1 w_i
 ``hap-obs`` weights output i's term by the loss's curvature with respect to that output (the diagonal empirical
 Fisher of the block output over the same tokens), so the score estimates the loss increase after compensation
 rather than the reconstruction error of a layer whose importance to the loss it cannot see.
+
+Every criterion takes an optional ``group`` (:mod:`haprune.distributed`): every rank passes the same batches, takes
+its round-robin shard of them, and the per-unit sums (gate gradients, Gram matrices, output Fisher) are all-reduced,
+so the scores equal the single-process ones on the same batches.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .. import distributed
 from ..estimate import Sensitivity
 from ..estimate.base import Batch, LossFn, check_loss, default_loss, materialise_batches
 from ..graph import StructureSet, eval_mode, model_device
@@ -42,10 +47,10 @@ UNIT_CRITERIA = {
 
 def michel_importance(model: nn.Module, structures: StructureSet, batches: list[Batch], *,
                       loss_fn: LossFn | None = None, normalize_layers: bool = True,
-                      num_batches: int | None = None) -> Sensitivity:
+                      num_batches: int | None = None, group: Any = None) -> Sensitivity:
     """Michel et al.'s head (and FFN-neuron) importance for every structure of ``structures``."""
     loss_fn = loss_fn or default_loss
-    data = materialise_batches(batches, model_device(model), num_batches)
+    data = _shard(batches, model, num_batches, group)
     named = dict(model.named_parameters())
     gates = []  # (group, tensor name) of each group's consumer slice: the output projection's columns
     for g in structures:
@@ -65,39 +70,51 @@ def michel_importance(model: nn.Module, structures: StructureSet, batches: list[
                 gate = torch.zeros(g.size, dtype=torch.float64).index_add_(0, s.root_idxs, per_col[s.idxs])
                 base = structures.offsets[g.name]
                 scores[base: base + g.size] += gate.abs()
+    distributed.all_reduce(scores, group)
     if normalize_layers:
         for g in structures:
             sl = slice(structures.offsets[g.name], structures.offsets[g.name] + g.size)
             norm = scores[sl].norm()
             if norm > 0:
                 scores[sl] /= norm
-    info: dict[str, Any] = {"batches": len(data), "samples": sum(len(y) for _, y in data),
-                            "normalize_layers": normalize_layers}
+    counts = distributed.all_reduce(torch.tensor([len(data), sum(len(y) for _, y in data)]), group).tolist()
+    info: dict[str, Any] = {"batches": counts[0], "samples": counts[1], "normalize_layers": normalize_layers}
     return Sensitivity("michel", scores, info=info)
 
 
 def unit_importance(model: nn.Module, structures: StructureSet, batches: list[Batch], criterion: str, *,
-                    seed: int = 0, probes: int = 8, progress: bool = False, sequential: bool = True
-                    ) -> Sensitivity:
+                    seed: int = 0, probes: int = 8, progress: bool = False, sequential: bool = True,
+                    group: Any = None) -> Sensitivity:
     """Score heads / FFN neurons with one of :data:`UNIT_CRITERIA` (``probes``: Hutchinson probes per batch;
-    ``sequential``: the OBS criteria's greedy removal order, see :func:`obs_importance`)."""
+    ``sequential``: the OBS criteria's greedy removal order, see :func:`obs_importance`; ``group``: spread over
+    the ranks of a process group, see the module docstring)."""
     from ..estimate import estimate
 
     if criterion == "hap":
         return estimate(model, structures, batches, "hutchinson", seed=seed, min_probes=probes,
-                        max_probes=probes, progress=progress)
+                        max_probes=probes, progress=progress, group=group)
     if criterion == "hap-ggn":
-        return estimate(model, structures, batches, "ggn", progress=progress)
+        return estimate(model, structures, batches, "ggn", progress=progress, group=group)
     if criterion == "michel":
-        return michel_importance(model, structures, batches)
+        return michel_importance(model, structures, batches, group=group)
     if criterion == "magnitude":
         return estimate(model, structures, batches, "l2", progress=progress)
     if criterion in ("obs", "hap-obs"):
         return obs_importance(model, structures, batches, curvature="fisher" if criterion == "hap-obs" else None,
-                              sequential=sequential)
+                              sequential=sequential, group=group)
     if criterion == "random":
         return estimate(model, structures, batches, "random", seed=seed, progress=progress)
     raise ValueError(f"unknown criterion {criterion!r}; choose one of {', '.join(UNIT_CRITERIA)}")
+
+
+def _shard(batches: Any, model: nn.Module, num_batches: int | None, group: Any) -> list[Batch]:
+    """This rank's batches (all of them without a group), checked and on the model's device; a rank left without
+    a batch is refused on every rank."""
+    mine = list(distributed.shard(batches, group, limit=num_batches))
+    if distributed.world(group) > 1 and int(distributed.all_reduce_min(torch.tensor([len(mine)]), group)) == 0:
+        raise ValueError(f"{distributed.world(group)} processes need at least as many calibration batches (one per "
+                         "process): pass more or smaller batches")
+    return distributed.raise_together(lambda: materialise_batches(mine, model_device(model)), group)
 
 
 def _consumer_slice(g) -> Any:
@@ -108,7 +125,8 @@ def _consumer_slice(g) -> Any:
 
 
 @torch.no_grad()
-def _output_fisher(model: nn.Module, layers: list[str], data: list[Batch], loss_fn: LossFn, mask_fn) -> dict:
+def _output_fisher(model: nn.Module, layers: list[str], data: list[Batch], loss_fn: LossFn, mask_fn,
+                   group: Any = None) -> dict:
     """Per layer: sum over calibration tokens (padding excluded) of (dL/dy_i)^2 for each output i of the layer,
     and the number of tokens."""
     from .compensate import token_rows as rows_of
@@ -142,6 +160,8 @@ def _output_fisher(model: nn.Module, layers: list[str], data: list[Batch], loss_
             tokens += int(rows_of(outs[layers[0]].grad, mask).shape[0]) if layers else 0
             outs.clear()
     model.zero_grad(set_to_none=True)
+    distributed.all_reduce_dict(fisher, group)
+    tokens = int(distributed.all_reduce(torch.tensor([tokens]), group))
     return {"fisher": fisher, "tokens": tokens}
 
 
@@ -205,7 +225,7 @@ def _obs_greedy(blocks: list[_ObsBlock], min_units: int = 1) -> list[torch.Tenso
 
 def obs_importance(model: nn.Module, structures: StructureSet, batches: list[Batch], *, ridge: float = 1e-4,
                    curvature: str | None = None, sequential: bool = True, loss_fn: LossFn | None = None,
-                   mask_fn=None, num_batches: int | None = None) -> Sensitivity:
+                   mask_fn=None, num_batches: int | None = None, group: Any = None) -> Sensitivity:
     """Structured OBS saliency of every head / FFN neuron (see the module docstring); higher = keep.
 
     ``curvature``: ``None`` (every output of the consumer counts alike: the reconstruction error) or
@@ -222,17 +242,17 @@ def obs_importance(model: nn.Module, structures: StructureSet, batches: list[Bat
     if curvature not in (None, "fisher"):
         raise ValueError(f"curvature must be None or 'fisher', got {curvature!r}")
     mask_fn = mask_fn or packed_token_mask
-    data = materialise_batches(batches, model_device(model), num_batches)
+    data = _shard(batches, model, num_batches, group)
     named = dict(model.named_parameters())
     consumers = {}
     for g in structures:
         s = _consumer_slice(g)
         consumers[g.name] = (s.tensor[: -len(".weight")], s)
     layers = sorted({c for c, _ in consumers.values()})
-    regs = collect_regressions(model, data, layers, mask_fn=mask_fn)
+    regs = collect_regressions(model, data, layers, mask_fn=mask_fn, group=group)
     weights = {}
     if curvature == "fisher":
-        fis = _output_fisher(model, layers, data, loss_fn or default_loss, mask_fn)
+        fis = _output_fisher(model, layers, data, loss_fn or default_loss, mask_fn, group)
         weights = {n: f / max(1, fis["tokens"]) for n, f in fis["fisher"].items()}
     scores = torch.zeros(structures.num_structures, dtype=torch.float64)
     blocks: list[tuple[int, _ObsBlock]] = []
@@ -254,6 +274,6 @@ def obs_importance(model: nn.Module, structures: StructureSet, batches: list[Bat
     if blocks:
         for (base, state), sc in zip(blocks, _obs_greedy([st for _, st in blocks])):
             scores[base: base + len(sc)] = sc
-    info: dict[str, Any] = {"batches": len(data), "tokens": next(iter(regs.values())).count if regs else 0,
+    info: dict[str, Any] = {"batches": int(distributed.all_reduce(torch.tensor([len(data)]), group)), "tokens": next(iter(regs.values())).count if regs else 0,
                             "ridge": ridge, "curvature": curvature or "none", "sequential": sequential}
     return Sensitivity("hap-obs" if curvature else "obs", scores, info=info)
