@@ -4,6 +4,7 @@ models on every rank; a DDP fine-tune is killed and resumed on one process."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 from datetime import timedelta
 from pathlib import Path
@@ -14,10 +15,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
+from torch.utils.data import TensorDataset
 
 from haprune import distributed
 from haprune.estimate import estimate
 from haprune.graph import build_structures
+from haprune.recover import FinetuneConfig, checkpoint_progress, finetune
 from haprune.threads import num_threads
 from nets import make_net
 
@@ -116,7 +119,35 @@ def hf_scores(group) -> tuple[dict, dict]:
     return tensors, meta
 
 
-JOBS = {"cnn_scores": cnn_scores, "hf_scores": hf_scores}
+def ft_problem():
+    """A BatchNorm-free net (DDP then equals one process exactly) and 48 + 16 samples."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(64, 1, 4, 4, generator=gen)
+    y = (x.flatten(1)[:, :3].argmax(1) + (x.flatten(1)[:, 3] > 1).long()) % 3
+    train, val = TensorDataset(x[:48], y[:48]), TensorDataset(x[48:], y[48:])
+    return net, train, val
+
+
+def ft_config(epochs: int) -> FinetuneConfig:
+    return FinetuneConfig(epochs=epochs, lr=0.05, batch_size=8, augment=False, select_best=False,
+                          bn_reestimate=False, seed=3)
+
+
+def ddp_finetune(group, epochs: int, ckpt: str | None = None, kill_after: int | None = None) -> tuple[dict, dict]:
+    net, train, val = ft_problem()
+
+    def log(entry):
+        if kill_after is not None and entry.epoch == kill_after:
+            os._exit(3)  # killed right after the epoch's checkpoint was written (rank 0 logs; spawn ends the rest)
+
+    result = finetune(net, train, val, ft_config(epochs), checkpoint_dir=ckpt, progress=False, log_fn=log,
+                      group=group)
+    return dict(net.state_dict()), result.to_dict()
+
+
+JOBS = {"cnn_scores": cnn_scores, "hf_scores": hf_scores, "ddp_finetune": ddp_finetune}
 
 
 # ---------------------------------------------------------------------------------------------- the tests
@@ -147,3 +178,31 @@ def test_hf_sensitivity_on_two_processes_equals_one_process(tmp_path):
     with num_threads(1):
         single = hf_scores(None)
     _compare(results, single, rtol=1e-8)
+
+
+def test_ddp_finetune_equals_one_process_and_resumes_on_one_process_after_a_kill(tmp_path):
+    # 2 processes, 2 epochs, uninterrupted: both replicas end identical, and equal to one process (no BatchNorm,
+    # no augmentation, 2 divides the batch of 8 and 8 the 48 samples: each DDP step sees one single-process batch)
+    (w0, r0), (w1, r1) = spawn("ddp_finetune", tmp_path / "full", epochs=2)
+    with num_threads(1):
+        w, r = ddp_finetune(None, epochs=2)
+    for k in w:
+        assert torch.equal(w0[k], w1[k]), f"{k}: the DDP replicas differ"
+        assert torch.allclose(w0[k], w[k], rtol=1e-5, atol=1e-6), f"{k}: DDP differs from one process"
+    assert [e["val_accuracy"] for e in r0["history"]] == pytest.approx([e["val_accuracy"] for e in r["history"]])
+    assert r0["history"][0]["train_loss"] == pytest.approx(r["history"][0]["train_loss"], rel=1e-5)
+    assert r0["final_val_accuracy"] == r1["final_val_accuracy"]
+
+    # 2 processes, killed right after epoch 1's checkpoint; resumed on 1 process: it picks up after epoch 1 and
+    # ends where the uninterrupted runs end
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(mp.ProcessExitedException):
+        spawn("ddp_finetune", tmp_path / "killed", epochs=2, ckpt=str(ckpt), kill_after=1)
+    assert checkpoint_progress(ckpt)["epochs_done"] == 1
+    with num_threads(1):
+        w2, r2 = ddp_finetune(None, epochs=2, ckpt=str(ckpt))
+    assert r2["resumed_from_epoch"] == 1 and len(r2["history"]) == 2
+    first = {k: v for k, v in r2["history"][0].items() if k != "seconds"}  # epoch 1 as the 2 processes ran it
+    assert first == {k: v for k, v in r0["history"][0].items() if k != "seconds"}
+    for k in w:
+        assert torch.allclose(w2[k], w[k], rtol=1e-5, atol=1e-6), f"{k}: the resumed run ends elsewhere"

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 __all__ = ["is_initialized", "world", "rank", "is_main", "init_from_env", "shutdown", "shard", "shard_indices",
            "all_reduce", "all_reduce_dict", "all_reduce_max", "all_reduce_min", "broadcast_json", "all_gather_json",
-           "broadcast_state", "barrier", "raise_together", "check_identical", "module_digests",
+           "broadcast_state", "broadcast_tensors", "barrier", "raise_together", "check_identical", "module_digests",
            "ReplicaMismatchError", "on_main", "write_json_on_main", "ENV_VARS", "default_backend", "comm_device"]
 
 T = TypeVar("T")
@@ -231,6 +231,21 @@ def broadcast_state(tensors: Mapping[str, torch.Tensor], group: Group = None, sr
         dist.broadcast(buf, src=s, group=group)
         with torch.no_grad():
             t.copy_(buf.to(t.device))
+
+
+def broadcast_tensors(tensors: Mapping[str, torch.Tensor] | None, group: Group = None,
+                      src: int = 0) -> dict[str, torch.Tensor]:
+    """Rank ``src``'s named tensors on every rank (the others pass None and receive new CPU tensors of the same
+    names, shapes and dtypes). Without a group: ``tensors`` itself (as a dict)."""
+    if not _active(group):
+        return dict(tensors or {})
+    mine = rank(group) == src
+    spec = broadcast_json({k: [list(t.shape), str(t.dtype).replace("torch.", "")] for k, t in (tensors or {}).items()}
+                          if mine else None, group, src)
+    out = {k: tensors[k].detach().cpu().clone() if mine else torch.empty(shape, dtype=getattr(torch, dtype))
+           for k, (shape, dtype) in spec.items()}
+    broadcast_state(out, group, src)
+    return out
 
 
 def barrier(group: Group = None) -> None:

@@ -2,6 +2,13 @@
 
 The same :func:`finetune` trains baselines from scratch (``FinetuneConfig(epochs=30, lr=0.1)``).
 Checkpoints hold no pickles: tensors go to safetensors files, everything else to JSON.
+
+Distributed (``group``, see :mod:`haprune.distributed`; every rank passes the same model and data):
+:func:`finetune` trains a ``DistributedDataParallel`` replica per rank on its share of each epoch's shuffled order
+(``torch.utils.data.distributed.DistributedSampler``), validates on round-robin shards of the validation batches
+with the sums all-reduced, and only rank 0 reads and writes checkpoints (atomically), broadcasting what it resumed
+to the others, so a run resumes on any number of ranks; :func:`evaluate` and :func:`reestimate_batchnorm` reduce
+their sums across the ranks the same way.
 """
 from __future__ import annotations
 
@@ -19,9 +26,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import TensorDataset
+from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
+from . import distributed
 from ._fileio import PathLike, atomic_save_safetensors, atomic_write_json
 from .data import Batches, as_image_dataset
 from .data import batches as make_batches
@@ -53,12 +63,15 @@ def _eval_batches(data: EvalData, batch_size: int, device: torch.device) -> Iter
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: EvalData, batch_size: int = 512, device: Device = None) -> Dict[str, float]:
+def evaluate(model: nn.Module, data: EvalData, batch_size: int = 512, device: Device = None,
+             group: distributed.Group = None) -> Dict[str, float]:
     """Mean cross-entropy ``loss`` and ``accuracy`` (a fraction) of ``model`` on ``data``.
 
     ``data`` is a ``TensorDataset`` of (images, labels) or an iterable of ``(x, y)`` batches. The model runs in
     eval mode without gradients and gets its modes back afterwards; with ``device`` it is moved there first.
     The model may return a tensor, a ``ModelOutput`` / dict with ``logits``, or a tuple (:func:`logits_of`).
+    With ``group`` every rank (holding the same model and data) evaluates its round-robin share of the batches
+    and the sums are all-reduced: every rank returns the result on all of ``data``.
     """
     if device is not None:
         model.to(device)
@@ -66,12 +79,14 @@ def evaluate(model: nn.Module, data: EvalData, batch_size: int = 512, device: De
     total_loss, correct, count = 0.0, 0, 0
     with preserved_modes(model):
         model.eval()
-        for x, y in _eval_batches(data, batch_size, target):
+        for x, y in distributed.shard(_eval_batches(data, batch_size, target), group):
             x, y = x.to(target), y.to(target)
             logits = logits_of(model(x)).float()
             total_loss += float(F.cross_entropy(logits, y, reduction="sum"))
             correct += int((logits.argmax(dim=1) == y).sum())
             count += y.shape[0]
+    sums = distributed.all_reduce(torch.tensor([total_loss, correct, count], dtype=torch.float64), group).tolist()
+    total_loss, correct, count = sums[0], int(sums[1]), int(sums[2])
     if count == 0:
         raise ValueError("evaluate() got no samples: the data set (or batch iterable) is empty")
     return {"loss": total_loss / count, "accuracy": correct / count}
@@ -109,7 +124,8 @@ def batchnorm_stats_restored(model: nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def reestimate_batchnorm(
-    model: nn.Module, batches: Iterable[Union[Batch, torch.Tensor]], num_batches: Optional[int] = None
+    model: nn.Module, batches: Iterable[Union[Batch, torch.Tensor]], num_batches: Optional[int] = None,
+    group: distributed.Group = None,
 ) -> int:
     """Recompute every BatchNorm's running mean and variance from ``batches``; returns how many were used.
 
@@ -118,6 +134,8 @@ def reestimate_batchnorm(
     restored afterwards. Essential after pruning: the old statistics no longer describe the pruned network.
     ``batches`` yields ``(x, y)`` pairs or bare inputs; ``num_batches`` caps how many are used. If no batch
     arrives or the forward fails, the previous statistics are put back before the error propagates.
+    With ``group`` (every rank passing the same batches) each rank runs its round-robin share of the first
+    ``num_batches`` and the per-batch sums are all-reduced: every rank ends with the statistics of all of them.
     """
     norms = _batchnorms(model)
     if not norms:
@@ -131,9 +149,22 @@ def reestimate_batchnorm(
                 m.reset_running_stats()
                 m.momentum = None
             model.train()
-            for batch in itertools.islice(batches, num_batches):
+            for batch in distributed.shard(batches, group, limit=num_batches):
                 model((batch[0] if isinstance(batch, (tuple, list)) else batch).to(device))
                 used += 1
+        if distributed.world(group) > 1:  # cumulative averages: weight each rank's by its batches, then add up
+            mine = used
+            sums = {}
+            for i, m in enumerate(norms):
+                sums[f"{i}/mean"] = m.running_mean.double() * mine
+                sums[f"{i}/var"] = m.running_var.double() * mine
+            used = int(distributed.all_reduce(torch.tensor([mine]), group))
+            distributed.all_reduce_dict(sums, group)
+            for i, m in enumerate(norms):
+                if used:
+                    m.running_mean.copy_(sums[f"{i}/mean"] / used)
+                    m.running_var.copy_(sums[f"{i}/var"] / used)
+                m.num_batches_tracked.fill_(used)
         if used == 0:
             raise ValueError("reestimate_batchnorm() got no batches; pass at least one batch of training inputs")
     except BaseException:
@@ -469,8 +500,11 @@ def _train_epoch(
     teacher: Optional[nn.Module],
     epoch: int,
     progress: bool,
+    group: distributed.Group = None,
 ) -> float:
-    """One pass of SGD over ``loader``; returns the mean training loss (distillation loss if a teacher is used)."""
+    """One pass of SGD over ``loader``; returns the mean training loss (distillation loss if a teacher is used).
+    ``model`` may be a ``DistributedDataParallel`` wrapper; the loss is then averaged over every rank's samples
+    (and checked for NaN on all of them together)."""
     device = model_device(model)
     lr = optimizer.param_groups[0]["lr"]
     total = min(len(loader), config.max_batches_per_epoch or len(loader))
@@ -494,10 +528,44 @@ def _train_epoch(
         loss_sum += loss.detach() * y.shape[0]
         seen += y.shape[0]
         if step % _FINITE_CHECK_INTERVAL == 0:
-            _check_finite(loss_sum, epoch, step, lr)
+            _check_finite(distributed.all_reduce(loss_sum.detach().clone(), group), epoch, step, lr)
             bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}")
-    _check_finite(loss_sum, epoch, total, lr)
-    return float(loss_sum) / max(seen, 1)
+    sums = distributed.all_reduce(torch.stack([loss_sum.double(), torch.tensor(float(seen), device=device,
+                                                                                  dtype=torch.float64)]), group)
+    _check_finite(sums[0], epoch, total, lr)
+    return float(sums[0]) / max(float(sums[1]), 1.0)
+
+
+def _rank_loader(train_set: TensorDataset, config: FinetuneConfig, epoch: int, group: distributed.Group) -> Batches:
+    """This rank's mini-batches of ``epoch``: the epoch's shuffled order is the one a single process uses (the same
+    seeded permutation), cut by a ``DistributedSampler`` (position i to rank i % world, padded so every rank takes
+    the same number of steps) into batches of ``batch_size / world``, so that one step of all the ranks together
+    sees the samples of one single-process batch (exactly so when ``world`` divides ``batch_size`` and
+    ``batch_size`` the data set); augmented with a stream of its own."""
+    ranks, me = distributed.world(group), distributed.rank(group)
+    images, labels = train_set.tensors
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(_epoch_seed(config.seed, epoch)))
+    sampler = DistributedSampler(range(len(labels)), num_replicas=ranks, rank=me, shuffle=False)
+    idx = order[torch.as_tensor(list(sampler), dtype=torch.long)].to(labels.device)
+    return make_batches(TensorDataset(images[idx], labels[idx]), max(1, math.ceil(config.batch_size / ranks)),
+                        shuffle=False, seed=_epoch_seed(config.seed, epoch) * 1_009 + me, augment=config.augment)
+
+
+def _broadcast_run(run: _RunState, model: nn.Module, optimizer: torch.optim.Optimizer,
+                   group: distributed.Group) -> _RunState:
+    """Rank 0's resumed state (weights, optimizer state, history, best weights) on every rank."""
+    distributed.broadcast_state(model.state_dict(), group)
+    tensors, scalars = _flatten_optimizer(optimizer) if distributed.is_main(group) else (None, None)
+    tensors = distributed.broadcast_tensors(tensors, group)
+    scalars = distributed.broadcast_json(scalars, group)
+    if not distributed.is_main(group) and (tensors or scalars):
+        device = model_device(model)
+        _restore_optimizer(optimizer, {k: v.to(device) for k, v in tensors.items()}, scalars)
+    meta = distributed.broadcast_json({"history": [asdict(e) for e in run.history], "best_epoch": run.best_epoch,
+                                       "best_val_accuracy": run.best_val_accuracy}, group)
+    best = distributed.broadcast_tensors(run.best_state if distributed.is_main(group) else None, group)
+    return _RunState([EpochRecord(**e) for e in meta["history"]], meta["best_epoch"], meta["best_val_accuracy"],
+                     best or None)
 
 
 def finetune(
@@ -511,6 +579,7 @@ def finetune(
     progress: bool = True,
     log_fn: Optional[Callable[[EpochRecord], None]] = None,
     run_key: Optional[str] = None,
+    group: distributed.Group = None,
 ) -> FinetuneResult:
     """Train ``model`` in place with SGD (plus distillation from ``teacher``) and return the run's history.
 
@@ -525,6 +594,13 @@ def finetune(
     ``run_key`` names what the config cannot see: a hash of everything that determined the starting model (plan,
     implant init, compensation, starting weights, data). It is saved with each checkpoint, and a checkpoint of
     another key is refused instead of resumed (the config alone cannot tell two such runs apart).
+
+    With ``group`` (every rank passing the same model, data and config; see :mod:`haprune.distributed`): the ranks
+    must hold bit-identical models (checked first); each trains a ``DistributedDataParallel`` replica on its
+    ``DistributedSampler`` share of every epoch, in batches of ``batch_size / world``; validation is sharded and
+    all-reduced; only rank 0 reads and writes ``checkpoint_dir`` and broadcasts what it resumed, so a run killed on
+    N processes resumes on M (the checkpoint does not depend on N). ``log_fn`` is called on rank 0 only. Every rank
+    returns the same weights and result.
     """
     target = torch.device(device) if device is not None else model_device(model)
     model.to(target)
@@ -535,11 +611,22 @@ def finetune(
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay, nesterov=config.nesterov)
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if directory is not None and (directory / CHECKPOINT_JSON).is_file():
-        run = _load_checkpoint(directory, model, optimizer, config, run_key)
+    main = distributed.is_main(group)
+    ranks = distributed.world(group)
+    resume = distributed.broadcast_json(directory is not None and (directory / CHECKPOINT_JSON).is_file()
+                                        if main else None, group)
+    if resume:
+        run = distributed.raise_together(
+            lambda: _load_checkpoint(directory, model, optimizer, config, run_key) if main else _RunState(), group)
     else:
         torch.manual_seed(config.seed)
         run = _RunState()
+    net: nn.Module = model
+    if ranks > 1:
+        run = _broadcast_run(run, model, optimizer, group)
+        torch.manual_seed(config.seed * 1_009 + distributed.rank(group) + 7_919 * run.epochs_done)
+        distributed.check_identical(model, group, "model to fine-tune")
+        net = DistributedDataParallel(model, process_group=group)
     resumed_from = run.epochs_done
     started = time.perf_counter()
     if run.epochs_done == 0 and config.epochs > 0 and config.select_best and config.start_candidate:
@@ -547,27 +634,32 @@ def finetune(
     for epoch in range(run.epochs_done, config.epochs):
         epoch_start = time.perf_counter()
         lr = lr_at_epoch(config, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loader = make_batches(train_set, config.batch_size, shuffle=True, seed=_epoch_seed(config.seed, epoch),
-                         augment=config.augment)
-        train_loss = _train_epoch(model, optimizer, loader, config, teacher if use_teacher else None,
-                                  epoch + 1, progress)
-        val = evaluate(model, val_set)
-        entry = EpochRecord(epoch + 1, lr, train_loss, val["loss"], val["accuracy"],
-                            time.perf_counter() - epoch_start)
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr
+        if ranks > 1:
+            loader = _rank_loader(train_set, config, epoch, group)
+        else:
+            loader = make_batches(train_set, config.batch_size, shuffle=True, seed=_epoch_seed(config.seed, epoch),
+                                  augment=config.augment)
+        train_loss = _train_epoch(net, optimizer, loader, config, teacher if use_teacher else None,
+                                  epoch + 1, progress and main, group)
+        val = evaluate(model, val_set, group=group)
+        seconds = time.perf_counter() - epoch_start
+        if ranks > 1:  # the slowest rank's time, the same figure on every rank
+            seconds = float(distributed.all_reduce_max(torch.tensor([seconds], dtype=torch.float64), group))
+        entry = EpochRecord(epoch + 1, lr, train_loss, val["loss"], val["accuracy"], seconds)
         run.record(entry, model)
         if directory is not None:
-            _save_checkpoint(directory, model, optimizer, config, run, run_key)
-        if log_fn is not None:
+            distributed.on_main(lambda: _save_checkpoint(directory, model, optimizer, config, run, run_key), group)
+        if log_fn is not None and main:
             log_fn(entry)
     if config.select_best and run.best_state is not None:
         model.load_state_dict(run.best_state)
     kept_start = config.select_best and run.best_epoch == 0
     if config.bn_reestimate and not kept_start:
         bn_batches = make_batches(train_set, config.batch_size, shuffle=True, seed=config.seed)
-        reestimate_batchnorm(model, bn_batches, config.bn_reestimate_batches)
-    final = evaluate(model, val_set)
+        reestimate_batchnorm(model, bn_batches, config.bn_reestimate_batches, group=group)
+    final = evaluate(model, val_set, group=group)
     previous_seconds = sum(entry.seconds for entry in run.history[:resumed_from])
     return FinetuneResult(
         history=list(run.history),
