@@ -147,7 +147,49 @@ def ddp_finetune(group, epochs: int, ckpt: str | None = None, kill_after: int | 
     return dict(net.state_dict()), result.to_dict()
 
 
-JOBS = {"cnn_scores": cnn_scores, "hf_scores": hf_scores, "ddp_finetune": ddp_finetune}
+def surgery(group) -> tuple[dict, dict]:
+    """Scores on the ranks, the plan made once (rank 0) and broadcast, then the same surgery everywhere: least-squares
+    implants (their choice by output similarity after BatchNorm re-estimation), sequential compensation, BatchNorm
+    re-estimation; each checked identical across the ranks."""
+    from haprune.apply import apply_plan
+    from haprune.plan import CostModel, Plan, make_plan
+    from haprune.recover import reestimate_batchnorm
+
+    net = make_net(4, torch.float64, widths=(4, 8), blocks=2)
+    gen = torch.Generator().manual_seed(2)
+    calib = [(torch.randn(8, 1, 10, 10, generator=gen, dtype=torch.float64), torch.randint(0, 3, (8,), generator=gen))
+             for _ in range(4)]
+    x = calib[0][0][:1]
+    structures = build_structures(net, x)
+    sens = estimate(net, structures, calib, "ggn", progress=False, group=group)
+    plan = None
+    if distributed.is_main(group):
+        plan = make_plan(structures, sens.scores, CostModel(net, structures, x), 0.4, implant_ratio=0.3).to_dict()
+    plan = Plan.from_dict(distributed.broadcast_json(plan, group))
+    implanted = apply_plan(net, plan, x, structures=structures, implant_init="lstsq", calibration=calib, group=group)
+    reestimate_batchnorm(implanted, calib, group=group)
+    compensated = apply_plan(net, plan, x, structures=structures, calibration=calib, compensate="sequential",
+                             group=group)
+    for m in (implanted, compensated):
+        distributed.check_identical(m, group)
+    tensors = {f"implanted/{k}": v for k, v in implanted.state_dict().items() if v.is_floating_point()}
+    tensors.update({f"compensated/{k}": v for k, v in compensated.state_dict().items() if v.is_floating_point()})
+    info = compensated.haprune_compensation
+    return tensors, {"plan": plan.to_dict(), "layers": info["layers"], "samples": info["samples"],
+                     "skipped": sorted(info.get("skipped", {}))}
+
+
+def mismatch(group) -> tuple[dict, dict]:
+    net = make_net(0, widths=(3, 4), blocks=1)
+    if distributed.rank(group) == 1:
+        with torch.no_grad():
+            net.fc.bias[0] += 1e-6
+    distributed.check_identical(net, group)
+    return {}, {}
+
+
+JOBS = {"cnn_scores": cnn_scores, "hf_scores": hf_scores, "ddp_finetune": ddp_finetune, "surgery": surgery,
+        "mismatch": mismatch}
 
 
 # ---------------------------------------------------------------------------------------------- the tests
@@ -206,3 +248,17 @@ def test_ddp_finetune_equals_one_process_and_resumes_on_one_process_after_a_kill
     assert first == {k: v for k, v in r0["history"][0].items() if k != "seconds"}
     for k in w:
         assert torch.allclose(w2[k], w[k], rtol=1e-5, atol=1e-6), f"{k}: the resumed run ends elsewhere"
+
+
+def test_surgery_gives_identical_models_on_every_rank_equal_to_one_process(tmp_path):
+    results = spawn("surgery", tmp_path)
+    with num_threads(1):
+        single = surgery(None)
+    _compare(results, single, rtol=1e-7)
+    assert single[1]["layers"] and single[1]["samples"] == 32
+    assert any(k.startswith("implanted/") and ".implant" in k for k in single[0])  # implants were fitted
+
+
+def test_check_identical_names_the_differing_tensors(tmp_path):
+    with pytest.raises(mp.ProcessRaisedException, match="ReplicaMismatchError.*fc.bias"):
+        spawn("mismatch", tmp_path)

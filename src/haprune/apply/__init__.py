@@ -23,6 +23,7 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 
+from .. import distributed
 from ..graph import Group, StructureSet, build_dependency_graph, build_structures, output_shapes, run_forward
 from ..plan import Plan
 from ..recover import batchnorm_stats_restored, reestimate_batchnorm
@@ -52,6 +53,7 @@ def apply_plan(
     compensate: str | bool | None = None,
     compensate_options: dict[str, Any] | None = None,
     inplace: bool = False,
+    group: Any = None,
 ) -> nn.Module:
     """Return the pruned (and implanted) model described by ``plan``.
 
@@ -70,6 +72,11 @@ def apply_plan(
             recorded on the returned model as the dict attribute ``haprune_compensation``.
         compensate_options: passed to :func:`compensate` (``ridge``, ``layers``, ``progress``, ``chunk_rows``).
         inplace: modify ``model`` itself (only after the surgery succeeded on a copy).
+        group: a process group (:mod:`haprune.distributed`): every rank passes the same model, plan and
+            ``calibration`` and applies the same surgery; the calibration statistics (the implants' least-squares
+            normal equations, the output similarities and BatchNorm re-estimation of the implant choice, the
+            compensation's normal equations) are summed over the ranks' round-robin shards, so every rank gets the
+            same model, the one a single process gets on the same data (up to summation order).
     """
     if implant_init not in IMPLANT_INITS:
         raise ValueError(f"implant_init must be one of {IMPLANT_INITS}, got {implant_init!r}")
@@ -97,7 +104,8 @@ def apply_plan(
     fit = implant_init == "lstsq" and mode is None and any(g.implant for g in plan.groups.values())
     if fit:
         calibration = list(calibration)
-        reference = _outputs(work, calibration)  # the original model's outputs, for the per-layer choice
+        mine = list(distributed.shard(calibration, group))
+        reference = _outputs(work, mine)  # the original model's outputs, for the per-layer choice
     if structures is None:
         structures = build_structures(work, example_inputs, ignored_layers=[], check_surgery=False)
     groups = _match(plan, structures)
@@ -120,7 +128,9 @@ def apply_plan(
     implanted = [(m, len(gp.implant)) for g, gp in groups if gp.implant for m in g.implantable]
     fits: dict[str, LstsqAccumulator] = {}
     if implanted and fit:
-        fits = _collect_lstsq(work, implanted, calibration)
+        fits = _collect_lstsq(work, implanted, mine)
+        for name in sorted(fits):
+            fits[name].regression.all_reduce(group)
     for name, m in implanted:
         conv = work.get_submodule(name)
         new = make_implant(conv, m, plan.implant_kind)
@@ -128,10 +138,10 @@ def apply_plan(
             set_implant_weight(new, fits[name].solve())
         set_submodule(work, name, new)
     if fits:
-        _select_implants(work, list(fits), calibration, reference)
+        _select_implants(work, list(fits), calibration, reference, group)
     if mode is not None:
         result = _compensate(model, work, calibration, mode=mode, kept_inputs=kept_in, kept_outputs=kept_out,
-                            **(compensate_options or {}))
+                             group=group, **(compensate_options or {}))
         work.haprune_compensation = result.to_dict()
 
     with torch.no_grad():
@@ -267,7 +277,7 @@ def _outputs(model: nn.Module, calibration: list) -> list[torch.Tensor]:
         return [_flat_outputs(model(x.to(device))) for x, _ in calibration]
 
 
-def _output_similarity(model: nn.Module, calibration: list, reference: list[torch.Tensor]) -> float:
+def _output_similarity(model: nn.Module, calibration: list, reference: list[torch.Tensor], group: Any = None) -> float:
     """Mean cosine similarity of ``model``'s per-sample outputs to ``reference`` (each centred over its features),
     with the model's BatchNorm statistics re-estimated on ``calibration`` first (and put back afterwards).
 
@@ -275,22 +285,26 @@ def _output_similarity(model: nn.Module, calibration: list, reference: list[torc
     often much smaller than the original's but still well ordered, and any error-based score (MSE, KL, CE) then
     prefers a confidently wrong model. Measured on ResNet-20 / Fashion-MNIST, the cosine ranked the inits in the
     order of their test accuracies where the KL to the original and the cross-entropy ranked them in reverse.
+    With ``group``: ``calibration`` is every rank's full list, ``reference`` this rank's shard's outputs; the
+    re-estimation and the sums cover all the ranks' shards.
     """
     with batchnorm_stats_restored(model):
-        reestimate_batchnorm(model, calibration)  # a no-op for a model without BatchNorm
+        reestimate_batchnorm(model, calibration, group=group)  # a no-op for a model without BatchNorm
         total, count = 0.0, 0
-        for out, ref in zip(_outputs(model, calibration), reference):
+        for out, ref in zip(_outputs(model, list(distributed.shard(calibration, group))), reference):
             out, ref = out - out.mean(1, keepdim=True), ref - ref.mean(1, keepdim=True)
             total += float(torch.nn.functional.cosine_similarity(out, ref, dim=1, eps=1e-12).sum())
             count += out.shape[0]
-    return total / max(count, 1)
+    sums = distributed.all_reduce(torch.tensor([total, count], dtype=torch.float64), group).tolist()
+    return sums[0] / max(sums[1], 1)
 
 
 def _implant_weight(module: ImplantConv2d) -> torch.Tensor:
     return (module.implant[0] if isinstance(module.implant, nn.Sequential) else module.implant).weight
 
 
-def _select_implants(model: nn.Module, names: list[str], calibration: list, reference: list[torch.Tensor]) -> None:
+def _select_implants(model: nn.Module, names: list[str], calibration: list, reference: list[torch.Tensor],
+                     group: Any = None) -> None:
     """Per implanted layer, keep the least-squares fit or set the implant back to zero (the official init).
 
     Reproducing a pruned channel is not always better than dropping it: after pruning, BatchNorm statistics are
@@ -313,7 +327,7 @@ def _select_implants(model: nn.Module, names: list[str], calibration: list, refe
 
     def score(zeroed: set[str]) -> float:
         use(zeroed)
-        return _output_similarity(model, calibration, reference)
+        return _output_similarity(model, calibration, reference, group)
 
     zeroed: set[str] = set()
     best = score(zeroed)

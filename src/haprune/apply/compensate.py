@@ -40,6 +40,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..estimate.obs import patches
 from ..graph import eval_mode, model_device
 from .implant import ImplantConv2d
@@ -387,6 +388,7 @@ def compensate(
     kept_outputs: dict[str, list[int]] | None = None,
     chunk_rows: int = 65536,
     progress: bool = False,
+    group: Any = None,
 ) -> CompensationResult:
     """Refit ``pruned``'s layers (in place) so each reproduces the same-named layer of ``dense`` on calibration data.
 
@@ -409,6 +411,10 @@ def compensate(
         kept_outputs: layer -> the dense output channel of each of the pruned layer's output channels (inferred
             where omitted, from the next BatchNorm's statistics or exact weight rows).
         chunk_rows: regression rows (samples x positions) converted to float64 at a time.
+        group: a process group (:mod:`haprune.distributed`): every rank passes the same models and calibration and
+            takes its round-robin share of the samples (sample i to rank i % world); each layer's normal equations
+            are all-reduced before it is solved, and whether a layer's input differs from the dense one is decided
+            over all ranks, so every rank writes the same weights (those of one process on all the samples).
 
     Raises:
         CompensationError: before any pass, when the models do not match or the calibration data is empty.
@@ -459,6 +465,11 @@ def compensate(
         chosen = changed
     fixed = set(changed)
     x, count = _stack(calibration)
+    ranks = distributed.world(group)
+    if ranks > 1:
+        if count < ranks:
+            raise CompensationError(f"{count} calibration samples cannot be shared by {ranks} processes: pass more")
+        x = x[distributed.rank(group)::ranks]
     result = CompensationResult(mode=mode, ridge=ridge, samples=count)
     if not chosen:
         result.seconds = round(time.perf_counter() - start, 3)
@@ -532,14 +543,14 @@ def compensate(
                     reg = regression(n)
                     accumulate(n, reg, xin, y, ins[n])
                     stream.done()
-                    _solve_and_write(n, pmods[n], reg, ridge, p_bn.get(n), result)
+                    _solve_and_write(n, pmods[n], reg.all_reduce(group), ridge, p_bn.get(n), result)
                     bar.update(1)
             else:
                 def pre(mod, inp, n):
                     name, xd_in, y = stream.next()
                     if name != n:
                         raise RuntimeError(f"layer order differs between the models ({name!r} vs {n!r})")
-                    if skip_unchanged and n not in fixed and torch.equal(inp[0], xd_in):
+                    if skip_unchanged and n not in fixed and _same_everywhere(inp[0], xd_in, group):
                         stream.done()  # same input as the dense layer: its kept rows reproduce the dense output
                         bar.update(1)
                         return
@@ -549,7 +560,7 @@ def compensate(
                     accumulate(n, reg, inp[0], y, None)
                     stream.done()
                     try:
-                        _solve_and_write(n, pmods[n], reg, ridge, p_bn.get(n), result)
+                        _solve_and_write(n, pmods[n], reg.all_reduce(group), ridge, p_bn.get(n), result)
                     except UndeterminedFitError as e:
                         if not skip_unchanged or n in fixed:
                             raise
@@ -579,6 +590,12 @@ def _solve_and_write(n: str, m: nn.Module, reg: RidgeRegression, ridge: float, b
     result.error_before[n] = before
     result.error_after[n] = _relative_error(reg, w, b)
     _write(n, m, w, b, bn, result)
+
+
+def _same_everywhere(a: torch.Tensor, b: torch.Tensor, group: Any) -> bool:
+    """``torch.equal(a, b)`` on every rank (each comparing its own shard): one decision for all of them."""
+    differs = torch.tensor([0 if torch.equal(a, b) else 1])
+    return not bool(distributed.all_reduce_max(differs, group))
 
 
 def _inside_implant(name: str, modules: dict[str, nn.Module]) -> bool:
