@@ -156,3 +156,26 @@ def test_build_and_write_report(tmp_path):
     path = tmp_path / "out" / "report.json"
     write_report(path, report)
     assert json.loads(path.read_text()) == report
+
+
+def test_report_summarises_the_scores_of_each_group(resnet):
+    import numpy as np
+
+    from haprune.estimate import Sensitivity
+    from haprune.report import sensitivity_summary
+
+    m, s, cost = resnet
+    scores = torch.arange(s.num_structures, dtype=torch.float64).flip(0) ** 1.5  # distinct, known values
+    sens = Sensitivity("l2", scores)
+    summary = sensitivity_summary(sens, s)["per_group"]
+    assert list(summary) == s.names
+    for name, part in s.split(scores).items():
+        q = np.quantile(part.numpy(), [0, 0.25, 0.5, 0.75, 1])
+        assert [summary[name][k] for k in ("min", "q1", "median", "q3", "max")] == pytest.approx(q.tolist())
+        assert summary[name]["n"] == part.numel()
+    plan = make_plan(s, scores, cost, 0.3)
+    report = build_report(model="resnet20", plan=plan, costs_before={"params": 2, "flops": 2},
+                          costs_after={"params": 1, "flops": 1}, sensitivity=sens, structures=s)
+    assert report["sensitivity"]["per_group"] == summary
+    assert "per_group" not in build_report(model="resnet20", plan=plan, costs_before={"params": 2, "flops": 2},
+                                           costs_after={"params": 1, "flops": 1}, sensitivity=sens)["sensitivity"]

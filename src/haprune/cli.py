@@ -507,11 +507,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
         if "compensate" not in inspect.signature(apply_plan).parameters:
             raise CLIError("--compensate needs a haprune whose apply_plan supports compensation; this one does not")
+    from . import distributed  # under torchrun: every rank runs the pipeline, rank 0 alone writes --out and prints
+
+    group = distributed.init_from_env()
     try:
-        with run_folder(args.out) as rf:
+        with (run_folder(args.out) if distributed.is_main(group) else distributed.scratch_run_folder(group)) as rf:
             report, plan = _prune_into(args, source, rf, started, explored)
     except RunFolderError as e:
         raise CLIError(str(e)) from None
+    if report is None:  # a rank other than 0
+        return 0
     _print_summary(report, plan)  # only now: the run folder is in place
     for w in report["warnings"]:
         print(f"WARNING: {w}")
@@ -585,7 +590,7 @@ def _sensitivity(args: argparse.Namespace, setup, source: dict[str, Any], device
                            "exploration's; explore again, or prune with --target") from None
         _log(f"sensitivity: reusing the {sens.criterion} pass of the exploration ({stored}), not recomputed")
         return sens, key, True
-    cache = None if args.no_cache else SensitivityCache(args.cache_dir)
+    cache = None if args.no_cache or _group() is not None else SensitivityCache(args.cache_dir)
     if cache is not None:
         sens = cache.get(key, setup.structures)
         if sens is not None:
@@ -593,7 +598,8 @@ def _sensitivity(args: argparse.Namespace, setup, source: dict[str, Any], device
                  f"{sens.info.get('seconds')} s; {cache.path(key)}); --no-cache recomputes it")
             return sens, key, True
     sens = estimate(setup.dense, setup.structures, used, args.criterion, score=args.score, seed=args.seed,
-                    num_batches=args.calib_batches, progress=not args.quiet, **_criterion_options(args))
+                    num_batches=args.calib_batches, progress=not args.quiet, group=_group(),
+                    **_criterion_options(args))
     _log(f"sensitivity: {sens.criterion} ({sens.info.get('auto', {}).get('why', '')}) in {sens.info['seconds']} s")
     if cache is not None:
         try:
@@ -604,8 +610,16 @@ def _sensitivity(args: argparse.Namespace, setup, source: dict[str, Any], device
     return sens, key, False
 
 
+def _group():
+    """The process group of a torchrun launch (None in one process): see haprune.distributed."""
+    from . import distributed
+
+    return distributed.env_group()
+
+
 def _plan_for(args: argparse.Namespace, structures, cost, sens, target: float):
     """2. plan: the plan for ``target`` of the --budget from ``sens``'s scores."""
+    from . import distributed
     from .plan import make_plan
 
     plan = make_plan(structures, sens.scores, cost, target, budget=args.budget,
@@ -613,7 +627,7 @@ def _plan_for(args: argparse.Namespace, structures, cost, sens, target: float):
                      implant_ratio=args.implant_ratio, implant_kind=args.implant_kind,
                      criterion=sens.criterion, seed=args.seed, round_to=args.round_to,
                      allocation=args.allocation)
-    return plan
+    return type(plan).from_dict(distributed.broadcast_json(plan.to_dict(), _group()))  # rank 0's, on every rank
 
 
 def _bn_reestimate(args: argparse.Namespace) -> bool:
@@ -625,6 +639,7 @@ def _bn_reestimate(args: argparse.Namespace) -> bool:
 def _prune_oneshot(args: argparse.Namespace, setup, plan, device):
     """3. apply (surgery, implants, compensation) and the first step of recovery, BatchNorm re-estimation: the
     one-shot model (a new module; the dense one is unchanged)."""
+    from . import distributed
     from .apply import apply_plan
     from .data import batches
     from .recover import reestimate_batchnorm
@@ -633,9 +648,11 @@ def _prune_oneshot(args: argparse.Namespace, setup, plan, device):
                         limit=args.calib_batches * args.calib_batch_size, device=device)
     extra = {"compensate": args.compensate} if args.compensate != "none" else {}
     pruned = apply_plan(setup.dense, plan, setup.example, structures=setup.structures,
-                        implant_init=args.implant_init, calibration=calib_fit, **extra)
+                        implant_init=args.implant_init, calibration=calib_fit, group=_group(), **extra)
     if _bn_reestimate(args):
-        reestimate_batchnorm(pruned, batches(setup.data.train, 256, shuffle=True, seed=args.seed, device=device), 16)
+        reestimate_batchnorm(pruned, batches(setup.data.train, 256, shuffle=True, seed=args.seed, device=device), 16,
+                             group=_group())
+    distributed.check_identical(pruned, _group(), "pruned model")  # every rank holds the same model
     return pruned
 
 
@@ -690,6 +707,7 @@ def _prune_into(args: argparse.Namespace, source: dict[str, Any], rf, started: d
                  f"(its one-shot validation accuracy {100 * explored['point']['accuracy']:.2f}%)")
 
     # 3. apply, 4. recover: BatchNorm statistics first (essential after surgery), then fine-tuning
+    from . import distributed
     from .recover import checkpoint_progress, finetune
 
     pruned = _prune_oneshot(args, setup, plan, device)
@@ -717,12 +735,15 @@ def _prune_into(args: argparse.Namespace, source: dict[str, Any], rf, started: d
                  f"initialisation, weights or settings differ from run {ft_key}")
         ft_result = finetune(pruned, data.train, data.val, config, teacher=dense if args.distill > 0 else None,
                              checkpoint_dir=ckpt, device=args.device, progress=not args.quiet, run_key=ft_key,
-                             log_fn=lambda r: _log(f"fine-tune epoch {r.epoch}: val {r.val_accuracy:.4f}"))
+                             log_fn=lambda r: _log(f"fine-tune epoch {r.epoch}: val {r.val_accuracy:.4f}"),
+                             group=_group())
         acc_ft = _eval(pruned, data.test, args.eval_limit)
     final_acc = acc_ft if acc_ft is not None else acc_oneshot
     _check_not_chance("pruned" if acc_ft is None else "fine-tuned", final_acc, majority, warnings,
                       "Prune less (--target), fine-tune longer (--finetune-epochs), or check the dense model")
 
+    if not distributed.is_main(_group()):  # under torchrun only rank 0 measures and writes the report
+        return None, plan
     # 5. report (on the CPU: latency is CPU latency), of the deployment form (see _deployed)
     from .io import export_onnx, onnx_matches, save_pruned
     from .report import build_report, model_costs, write_report
@@ -899,7 +920,8 @@ def _from_explore(args: argparse.Namespace) -> dict[str, Any]:
         if k in settings:
             setattr(args, k, settings[k])
     if changed:
-        _log(f"--from-explore: {', '.join('--' + k.replace('_', '-') for k in changed)} taken from the exploration")
+        _log(f"--from-explore: the exploration's {', '.join('--' + k.replace('_', '-') for k in changed)} replace "
+             "this command's values (they determine the sensitivity pass and the plan)")
     args.target = args.pick
     table = file.parent / "latency_table.json"
     args.latency_table = str(table) if args.budget == "latency" and table.is_file() else None
