@@ -349,7 +349,7 @@ def write(cells: list[dict]) -> None:
             if accs(crit, "seq-all", "bn") and accs(crit, "seq-all", "nobn"):
                 pairs.append((f"{crit}: seq-all + BN vs seq-all", paired(accs(crit, "seq-all", "bn"),
                                                                          accs(crit, "seq-all", "nobn"))))
-        for a, b_ in (("hap", "l2"), ("hap", "obs"), ("obs", "l2")):
+        for a, b_ in (("hap", "l2"), ("hap", "obs"), ("obs", "l2"), ("hap+ni", "hap"), ("hap+ni", "l2")):
             x, y = accs(a, "seq-all", "nobn"), accs(b_, "seq-all", "nobn")
             if x and y:
                 pairs.append((f"seq-all: {a} vs {b_}", paired(x, y)))
