@@ -20,19 +20,22 @@ reads them).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import json
 import os
+import tempfile
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_initialized", "world", "rank", "is_main", "init_from_env", "shutdown", "shard", "shard_indices",
+__all__ = ["is_initialized", "world", "rank", "is_main", "init_from_env", "env_group", "shutdown", "shard", "shard_indices",
            "all_reduce", "all_reduce_dict", "all_reduce_max", "all_reduce_min", "broadcast_json", "all_gather_json",
            "broadcast_state", "broadcast_tensors", "barrier", "raise_together", "check_identical", "module_digests",
-           "ReplicaMismatchError", "on_main", "write_json_on_main", "ENV_VARS", "default_backend", "comm_device"]
+           "ReplicaMismatchError", "on_main", "write_json_on_main", "scratch_run_folder", "ENV_VARS", "default_backend", "comm_device"]
 
 T = TypeVar("T")
 Group = Any  # a torch.distributed ProcessGroup, or None for this process alone
@@ -97,6 +100,12 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> Grou
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return dist.group.WORLD
+
+
+def env_group() -> Group:
+    """The group of every process when torch.distributed is initialised with more than one (as
+    :func:`init_from_env` leaves it under torchrun), else None: what a command passes as ``group``."""
+    return dist.group.WORLD if is_initialized() and dist.get_world_size() > 1 else None
 
 
 def shutdown() -> None:
@@ -315,6 +324,19 @@ def on_main(fn: Callable[[], T], group: Group = None) -> T | None:
     """Run ``fn`` on rank 0 only (e.g. an atomic file write), then wait for every rank; the errors of ``fn`` are
     raised on every rank (:func:`raise_together`). Returns ``fn()`` on rank 0, None elsewhere."""
     return raise_together(lambda: fn() if is_main(group) else None, group)
+
+
+@contextlib.contextmanager
+def scratch_run_folder(group: Group = None) -> Iterator[Any]:
+    """For the ranks other than 0 of a pipeline whose rank 0 writes a run folder
+    (:func:`haprune._fileio.run_folder`): a throwaway folder of the same shape (``path``, ``work``,
+    ``checkpoint_dir``, ``run_id``), removed afterwards. These ranks run every collective step but publish nothing
+    (:func:`haprune.recover.finetune` reads and writes checkpoints on rank 0 only)."""
+    from ._fileio import RunFolder
+
+    with tempfile.TemporaryDirectory(prefix=f"haprune-rank{rank(group)}-") as tmp:
+        (Path(tmp) / "run").mkdir()
+        yield RunFolder(Path(tmp) / "run", Path(tmp) / "run", f"rank{rank(group)}", Path(tmp))
 
 
 def write_json_on_main(path: Any, obj: Any, group: Group = None) -> None:
