@@ -59,3 +59,28 @@ def test_torchrun_prune_writes_one_folder_with_the_single_process_plan(setup, tm
     assert not list(tmp_path.glob(".two.haprune/tmp-*"))  # nothing left behind by either rank
     assert set(load_file(str(tmp_path / "two" / "model.safetensors"))) == \
         set(load_file(str(tmp_path / "one" / "model.safetensors")))
+
+
+def _torchrun(argv: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(_free_port()), "-m", "haprune.cli", *argv], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_torchrun_prune_hf_makes_the_single_process_plan(tmp_path):
+    pytest.importorskip("transformers")
+    from test_hf_cli import args, folder  # noqa: F401  (the tiny BERT classifier and its CSV data)
+
+    d = tmp_path / "hf"
+    d.mkdir()
+    src = folder.__wrapped__(d) if hasattr(folder, "__wrapped__") else None
+    assert src is not None
+    argv = args(src, "--target", "0.5", "--criterion", "hap", "--calib-batches", "2")
+    two = argv[:argv.index("--out")] + ["--out", str(tmp_path / "two")] + argv[argv.index("--out") + 2:]
+    done = _torchrun(two)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("wrote ") == 1
+    assert main(argv) == 0
+    plans = [json.loads((p / "plan.json").read_text())["groups"] for p in (tmp_path / "two", src / "out")]
+    assert plans[0] == plans[1]

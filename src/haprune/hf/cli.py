@@ -37,6 +37,8 @@ class _UsageError(ValueError):
 
 
 def _log(msg: str) -> None:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 speaks
+        return
     print(msg, file=sys.stderr, flush=True)
 
 
@@ -301,17 +303,23 @@ def _run(args: argparse.Namespace) -> int:
     parts = _splits(args, label2id)
     num_labels = _check_labels(parts, int(getattr(config, "num_labels", 2)), args)
 
+    from .. import distributed
     from .._fileio import run_folder
 
-    with run_folder(args.out) as rf:  # --out checked (file? foreign folder? locked?) before any work
-        return _prune(args, folder, config, tok, parts, num_labels, rf.path, args.out)
+    # under torchrun every rank runs the steps (the sensitivity pass on its shard of the calibration batches, the
+    # rest replicated and checked identical); rank 0 alone writes --out and prints
+    group = distributed.init_from_env()
+    folder_of = run_folder(args.out) if distributed.is_main(group) else distributed.scratch_run_folder(group)
+    with folder_of as rf:  # --out checked (file? foreign folder? locked?) before any work
+        return _prune(args, folder, config, tok, parts, num_labels, rf.path, args.out, group)
 
 
 def _prune(args: argparse.Namespace, folder: Path, config: Any, tok: Any, parts: dict, num_labels: int,
-           out: Path, shown_out: str) -> int:
+           out: Path, shown_out: str, group: Any = None) -> int:
     import torch
     from transformers import AutoModelForSequenceClassification
 
+    from .. import distributed
     from .._fileio import atomic_write_json, atomic_write_text
     from . import (TextClassifier, TextFinetuneConfig, evaluate_text, finetune_text, plan_transformer,
                    prune_transformer, save_pretrained, text_batches, tokenize, unit_importance)
@@ -348,10 +356,11 @@ def _prune(args: argparse.Namespace, folder: Path, config: Any, tok: Any, parts:
     calib = list(text_batches(data["train"], 32, shuffle=True, seed=args.seed))[: args.calib_batches]
     start = time.perf_counter()
     sens = unit_importance(net, structures, calib, args.criterion, seed=args.seed, probes=args.probes,
-                           progress=True)
+                           progress=distributed.is_main(group), group=group)
     est_seconds = time.perf_counter() - start
     plan = plan_transformer(net, structures, sens, args.target, budget=args.budget,
                             implant_ratio=args.implant_ratio, implant_rank=args.implant_rank)
+    plan = type(plan).from_dict(distributed.broadcast_json(plan.to_dict(), group))  # rank 0's, on every rank
     compensation: dict[str, Any] | None = None
     if args.compensate == "sequential":
         _log("compensating: refitting the projections that lost inputs (sequential)")
@@ -364,6 +373,7 @@ def _prune(args: argparse.Namespace, folder: Path, config: Any, tok: Any, parts:
         if args.compensate == "dense-inputs":
             _log("compensating: refitting the projections that lost inputs (dense-inputs)")
             compensation = _compensate(net, pruned, plan, calib, "dense-inputs")
+    distributed.check_identical(pruned, group, "pruned model")
     oneshot = evaluate_text(pruned, data["test"])
     _log(f"one-shot test accuracy {oneshot['accuracy']:.4f}; fine-tuning {args.finetune_steps} steps")
     if args.finetune_steps:
@@ -371,6 +381,8 @@ def _prune(args: argparse.Namespace, folder: Path, config: Any, tok: Any, parts:
                                                                 distill_alpha=args.distill),
                       teacher=net if args.distill > 0 else None)
     final = evaluate_text(pruned, data["test"])
+    if not distributed.is_main(group):
+        return 0
     accuracy = {"dense": dense["accuracy"], "oneshot": oneshot["accuracy"], "finetuned": final["accuracy"]}
     warnings = _degenerate(accuracy, majority, len(data["test"]))
     save_pretrained(pruned, out / "model")
