@@ -147,7 +147,8 @@ def table(record: dict) -> str:
               f"`haprune explore --model resnet56 --weights checkpoints/resnet56-fmnist.safetensors --targets "
               f"{' '.join(f'{t:g}' for t in record['targets'])} --baseline l2 --out runs/explore` "
               f"({record['picture_run']['seconds']:.0f} s, load average {record['picture_run']['load_before'][0]:.2f}; "
-              f"its hap pass reused from the cache the timed exploration wrote).", "",
+              f"its hap pass reused from the cache the timed exploration wrote: "
+              f"{'said so' if record['explore']['sensitivity']['reused'] else 'NOT reused'}).", "",
               "| criterion | target % | val accuracy % | params left % | FLOPs left % | latency left % |",
               "|---|---|---|---|---|---|",
               f"| dense | 0 | {pct(ex['dense']['accuracy'])} | 100 | 100 | 100 |"]
@@ -157,9 +158,19 @@ def table(record: dict) -> str:
             continue
         lines.append(f"| {p['label']} | {100 * p['target']:g} | {pct(p['accuracy'])} | {pct(p['params']['remaining'])} "
                      f"| {pct(p['flops']['remaining'])} | {pct((p.get('latency') or {}).get('remaining'))} |")
-    lines += ["", "One-shot: pruned and BatchNorm re-estimated, no fine-tuning. Latency: each point timed against the "
-              "dense model in interleaved rounds (deployment form), so the fraction is robust to the load; the "
-              "absolute milliseconds are in the JSON.", ""]
+    lines += ["", "`ggn` is HAP's score on exact GGN Hessian traces (what `--criterion auto` chose), `l2` the "
+              "magnitude baseline. One-shot: pruned and BatchNorm re-estimated, no fine-tuning. Latency: each point "
+              f"timed against the dense model in {record['latency_repeats']} interleaved rounds at batch 64 "
+              "(deployment form) on a shared machine, so the latency fractions are noisy (neighbouring points "
+              "cross); the absolute milliseconds are in the JSON.", ""]
+    ft = record.get("finetune_run")
+    if ft:
+        acc = ft["report"]["accuracy"]
+        lines += ["## Fine-tuning a chosen point", "",
+                  f"`{ft['command'].replace(str(ROOT) + '/', '')}`: the exploration's sensitivity pass and plan "
+                  f"reused, {ft['seconds']:.0f} s (load average {ft['load_before'][0]:.2f}); test accuracy dense "
+                  f"{pct(acc['before'])}%, one-shot {pct(acc['after_oneshot'])}%, after one short epoch "
+                  f"{pct(acc['after_finetune'])}% (a demonstration of the path, not a fine-tuning budget).", ""]
     return "\n".join(lines)
 
 

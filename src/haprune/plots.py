@@ -169,7 +169,9 @@ def tradeoff_plot(curves: Mapping[str, Sequence[Mapping[str, float]]], *, dense_
     fig, axes = _figure(4.2 * max(1, len(keys)) + 0.4, 4.4, ncols=max(1, len(keys)))
     for ax, (key, xlabel) in zip(axes, keys):
         for i, (name, points) in enumerate(curves.items()):
-            pts = sorted((p for p in points if p.get(key) is not None), key=lambda p: p[key])
+            # joined in target order (a noisy latency is not sorted into a false curve); by x without targets
+            pts = sorted((p for p in points if p.get(key) is not None),
+                         key=lambda p: (p.get("target") is None, p.get("target") or 0.0, p[key]))
             xs = [100 * p[key] for p in pts]
             ax.plot(xs, [100 * p["accuracy"] for p in pts], marker="o", markersize=5, linewidth=1.6, label=name,
                     gid=f"curve-{key}-{i}", **_style(i))
