@@ -948,6 +948,11 @@ def main(argv: list[str] | None = None) -> int:
             import auto_choice
 
             page = auto_choice.with_section(page, auto_choice.section(auto_choice.load_result()))
+        if (RESULTS / "scaling.json").exists():  # and benchmarks/scaling.py's (distributed scaling)
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            import scaling
+
+            page = scaling.with_section(page, scaling.section(json.loads(scaling.OUT.read_text())))
         atomic_write(RESULTS / "performance.md", page)
         print(f"wrote {RESULTS / 'performance.md'}")
     return 0
