@@ -50,6 +50,10 @@ class CLIError(Exception):
 
 
 def _log(msg: str) -> None:
+    import os
+
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 speaks (every rank runs the same steps)
+        return
     print(msg, file=sys.stderr, flush=True)
 
 
