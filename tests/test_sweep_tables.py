@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import re
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 from benchmarks_loader import load_benchmark
 
-NS = "{http://www.w3.org/2000/svg}"
 DENSE = 0.90
 
 sweep = load_benchmark("sweep")
@@ -78,14 +76,6 @@ def _row(section: str, *first_cells: str) -> list[str]:
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines() if line.startswith("|")]
     (row,) = [r for r in rows if r[:len(first_cells)] == list(first_cells)]
     return row
-
-
-def _svg(path: Path) -> ET.Element:
-    return ET.parse(path).getroot()
-
-
-def _by_class(root: ET.Element, tag: str, cls: str) -> list[ET.Element]:
-    return [e for e in root.iter(NS + tag) if e.get("class") == cls]
 
 
 @pytest.fixture(scope="module")
@@ -198,41 +188,9 @@ def test_t_quantile_matches_scipy():
         sweep.t_quantile_975(0)
 
 
-def test_line_plots(written):
-    # hap+comp: (accuracy % at 70% params removed, at 50%); both points sit left to right in that order
-    oneshot = (79.0, 79.9) if sweep.REESTIMATE_BN_AFTER_COMPENSATION else (84.0, 84.9)  # see test_table_values
-    for name, expected in (("acc_vs_params", (89.0, 89.9)), ("acc_vs_flops", (89.0, 89.9)),
-                           ("oneshot_vs_params", oneshot)):
-        root = _svg(written / f"resnet20_tiny_{name}.svg")
-        series = _by_class(root, "polyline", "series")
-        assert len(series) == 4  # one per criterion
-        legend = [t.text for t in _by_class(root, "text", "legend")]
-        assert legend == ["hap", "hap+comp", "l2", "l2+comp"]
-        assert len(_by_class(root, "circle", "marker")) == 6 and len(_by_class(root, "line", "errbar")) == 6
-        (hline,) = _by_class(root, "line", "hline")
-        assert [t.text for t in _by_class(root, "text", "hline-label")] == ["dense 90.00%"]
-        points = series[legend.index("hap+comp")].get("points").split()
-        (x70, y70), (x50, y50) = [tuple(map(float, p.split(","))) for p in points]
-        assert x70 < x50
-        # y pixel of an accuracy, from two y tick labels (drawn 4 px below their grid line)
-        (a, ya), (b, yb) = sorted((float(t.text), float(t.get("y")) - 4) for t in _by_class(root, "text", "ytick"))[:2]
-        assert [y70, y50] == pytest.approx([ya + (e - a) / (b - a) * (yb - ya) for e in expected], abs=0.02)
-        assert float(hline.get("y1")) < min(y70, y50)  # dense is above the pruned accuracies
-
-
-def test_plan_width_plot(written):
-    root = _svg(written / "resnet20_tiny_plan_widths_p50.svg")
-    bars = _by_class(root, "g", "bar")
-    assert len(bars) == 4  # seed 1 (the lowest seed with plan widths), one bar per group
-    assert [t.text for t in _by_class(root, "text", "xtick")] == ["conv1", "layer1.2.conv1", "layer1.10.conv1",
-                                                                  "layer2.0.shortcut.0"]  # network order
-    segments = [[(s.get("data-segment"), float(s.get("height"))) for s in bar.iter(NS + "rect")] for bar in bars]
-    assert [[label for label, _ in bar] for bar in segments] == [["kept", "implanted", "removed"], ["kept"],
-                                                                 ["kept", "removed"],
-                                                                 ["kept", "implanted", "removed"]]
-    unit = segments[1][0][1] / 16  # layer1.2.conv1: 16 kept
-    assert [h / unit for _, h in segments[3]] == pytest.approx([20, 2, 10], abs=1e-3)
-    assert [h / unit for _, h in segments[0]] == pytest.approx([11, 1, 4], abs=1e-3)
+def test_plan_width_plot_only_where_widths_exist(written):
+    # the figures themselves (data drawn, order, fallback) are checked in tests/test_plots.py
+    assert (written / "resnet20_tiny_plan_widths_p50.svg").is_file()
     assert not (written / "resnet20_tiny_plan_widths_p70.svg").exists()  # no record there has plan widths
     assert not list(written.glob("*_f50*.svg"))
 
@@ -251,9 +209,7 @@ def test_width_plot_falls_back_to_hap(tmp_path):
     (tmp_path / "resnet20").mkdir()
     (tmp_path / "resnet20" / "tiny__hap__p50__s3.json").write_text(json.dumps(record))
     sweep.write_tables(tmp_path)
-    root = _svg(tmp_path / "resnet20_tiny_plan_widths_p50.svg")
-    assert len(_by_class(root, "g", "bar")) == 2
-    assert "hap plan" in _by_class(root, "text", "title")[0].text
+    assert (tmp_path / "resnet20_tiny_plan_widths_p50.svg").is_file()
     goals = _section((tmp_path / "README.md").read_text(encoding="utf-8"), "Goals")
     assert _row(goals, "p50")[-1] == "no fine-tuned other row yet"
 
