@@ -14,8 +14,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from .lazy import lazy_attributes
 
 # The names below are imported on first use (PEP 562), so that ``import haprune`` -- which every ``haprune``
 # command does first -- does not cost the seconds of importing torch: ``haprune --help`` answers at once.
@@ -30,17 +31,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
     from .plan import CostModel, Plan, make_plan
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'haprune' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = ["__version__", "build_structures", "StructureSet", "Sensitivity", "make_plan", "Plan",
