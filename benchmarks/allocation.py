@@ -112,15 +112,20 @@ def plan_shape(plan, structures) -> dict:
             "kept_fraction": {n: round(f, 4) for n, f in fractions.items()}}
 
 
-def plans_summary(seeds, targets) -> None:
-    """Without evaluation: for every seed whose sensitivity is cached, what each allocation removes (summed score
-    of the removed structures, the knapsack's objective; params / FLOPs; residual-stage widths; groups at cap)."""
+def setup():
+    """Fashion-MNIST, the project's trained ResNet-56, its structures and exact cost model."""
     data = load_dataset("fashion-mnist")
     dense = create_model("resnet56", in_channels=data.in_channels, num_classes=data.num_classes)
     dense = load_checkpoint_weights(dense, WEIGHTS).eval()
     example = data.test.tensors[0][:1]
     structures = build_structures(dense, example)
-    cost = CostModel(dense, structures, example)
+    return data, dense, example, structures, CostModel(dense, structures, example)
+
+
+def plans_summary(seeds, targets) -> None:
+    """Without evaluation: for every seed whose sensitivity is cached, what each allocation removes (summed score
+    of the removed structures, the knapsack's objective; params / FLOPs; residual-stage widths; groups at cap)."""
+    data, dense, example, structures, cost = setup()
     out = {}
     for seed in seeds:
         path = CACHE / f"sens-resnet56-s{seed}.pt"
@@ -146,12 +151,7 @@ def plans_summary(seeds, targets) -> None:
 
 def run(seeds, targets, compensations) -> None:
     results = load_results()
-    data = load_dataset("fashion-mnist")
-    dense = create_model("resnet56", in_channels=data.in_channels, num_classes=data.num_classes)
-    dense = load_checkpoint_weights(dense, WEIGHTS).eval()
-    example = data.test.tensors[0][:1]
-    structures = build_structures(dense, example)
-    cost = CostModel(dense, structures, example)
+    data, dense, example, structures, cost = setup()
     test = torch.utils.data.TensorDataset(*(t[:EVAL_IMAGES] for t in data.test.tensors))
     meta = dict(results.get("meta", {}))
     if "dense_accuracy" not in meta:
