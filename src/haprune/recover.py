@@ -562,10 +562,11 @@ def _broadcast_run(run: _RunState, model: nn.Module, optimizer: torch.optim.Opti
         device = model_device(model)
         _restore_optimizer(optimizer, {k: v.to(device) for k, v in tensors.items()}, scalars)
     meta = distributed.broadcast_json({"history": [asdict(e) for e in run.history], "best_epoch": run.best_epoch,
-                                       "best_val_accuracy": run.best_val_accuracy}, group)
+                                       "best_val_accuracy": run.best_val_accuracy,
+                                       "start_val_accuracy": run.start_val_accuracy}, group)
     best = distributed.broadcast_tensors(run.best_state if distributed.is_main(group) else None, group)
     return _RunState([EpochRecord(**e) for e in meta["history"]], meta["best_epoch"], meta["best_val_accuracy"],
-                     best or None)
+                     best or None, meta["start_val_accuracy"])
 
 
 def finetune(
@@ -630,7 +631,7 @@ def finetune(
     resumed_from = run.epochs_done
     started = time.perf_counter()
     if run.epochs_done == 0 and config.epochs > 0 and config.select_best and config.start_candidate:
-        run.record_start(evaluate(model, val_set)["accuracy"], model)
+        run.record_start(evaluate(model, val_set, group=group)["accuracy"], model)
     for epoch in range(run.epochs_done, config.epochs):
         epoch_start = time.perf_counter()
         lr = lr_at_epoch(config, epoch)
