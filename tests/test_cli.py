@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -157,3 +158,24 @@ def test_prune_with_compensation_records_it_and_keeps_the_dense_batchnorm_statis
     res = subprocess.run([sys.executable, "-m", "haprune.cli", "eval", str(out), "--data-dir", str(data_dir)],
                          capture_output=True, text=True, check=True)
     assert json.loads(res.stdout)["test_accuracy"] == pytest.approx(report["accuracy"]["after_oneshot"], abs=1e-9)
+
+
+def test_compensation_with_too_little_calibration_data_is_refused_before_the_sensitivity_pass(
+        data_dir, trained, tmp_path, capsys, monkeypatch):
+    """4 images cannot determine the refit of ResNet-20's narrowed layers (its classifier: 64 inputs, one row per
+    image, 8 samples even at the narrowest width a plan allows, 10% kept): a clear error naming a layer and what to
+    change, no sensitivity pass, nothing written."""
+    import haprune.estimate
+
+    def no_pass(*a, **k):
+        raise AssertionError("the sensitivity pass ran")
+
+    monkeypatch.setattr(haprune.estimate, "estimate", no_pass)
+    out = tmp_path / "few"
+    code = run("prune", "--model", "resnet20", "--weights", trained, "--data-dir", data_dir, "--out", out,
+               "--target", "0.5", "--compensate", "sequential", "--finetune-epochs", "0", "--calib-batches", "1",
+               "--calib-batch-size", "4", "--quiet", "--no-cache")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert re.search(r"--compensate: 4 calibration samples cannot determine the refit of '[\w.]+'", err)
+    assert "--calib-batches" in err and not out.exists()

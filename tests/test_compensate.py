@@ -318,3 +318,37 @@ def test_an_undetermined_optional_refit_is_skipped_and_recorded_a_required_one_r
     assert "fc2" in result.layers and "fc3" not in result.layers
     assert "fc3" in result.skipped and "12 regressors" in result.skipped["fc3"]
     assert torch.equal(pruned.fc3.weight, fc3_before)
+
+
+def test_calibration_requirements_count_rows_per_sample_and_regressors():
+    """A conv's rows per sample are its output positions, its regressors input channels x taps; a linear layer on
+    (batch, tokens, features) has one row per token; ``samples`` is ceil((regressors + 1) / rows)."""
+    from haprune.apply import calibration_requirements, samples_needed
+
+    net = nn.Sequential()
+    net.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+    net.flat = nn.Flatten(2)  # (B, 8, 25): 25 "tokens" of 8 features after the transpose below
+    net.t = nn.Identity()
+    net.fc = nn.Linear(25, 4)
+    needs = calibration_requirements(net, torch.randn(5, 3, 10, 10))
+    assert needs["conv"].rows_per_sample == 25 and needs["conv"].regressors == 27
+    assert needs["fc"].rows_per_sample == 8 and needs["fc"].regressors == 25
+    assert needs["conv"].samples() == 2 and needs["fc"].samples() == 4 and needs["fc"].samples(7) == 1
+    assert samples_needed(needs) == (4, "fc")
+    assert samples_needed({}) == (0, None)
+    assert list(calibration_requirements(net, torch.randn(1, 3, 10, 10), layers=["fc"])) == ["fc"]
+
+
+def test_a_required_refit_the_data_cannot_determine_fails_before_the_calibration_pass():
+    """fc2 narrowed to 6 inputs needs 7 samples: with 4 compensate raises at once, naming the layer and how many
+    samples to pass, and the dense model never sees the calibration batch."""
+    torch.manual_seed(0)
+    dense = MLP(d=6, h=8).double()
+    pruned = _pruned_mlp(dense, [0, 1, 2, 3, 4, 5])
+    sizes = []
+    dense.register_forward_pre_hook(lambda m, i: sizes.append(len(i[0])))
+    with pytest.raises(UndeterminedFitError, match=r"4 calibration samples.*'fc2'.*at least 7"):
+        compensate(dense, pruned, [(torch.randn(4, 6, dtype=torch.float64), None)])
+    assert 4 not in sizes
+    result = compensate(dense, pruned, [(torch.randn(7, 6, dtype=torch.float64), None)])
+    assert result.layers == ["fc2"]

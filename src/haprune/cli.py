@@ -564,7 +564,38 @@ def _setup(args: argparse.Namespace, source: dict[str, Any], device):
         raise CLIError(str(e)) from None
     if structures.refused:
         _log("refused groups: " + "; ".join(f"{n} ({w})" for n, w in structures.refused))
+    if getattr(args, "compensate", "none") != "none":
+        _check_compensation_calibration(args, dense, example, structures, len(data.train))
     return types.SimpleNamespace(dense=dense, data=data, example=example, calib=calib, structures=structures)
+
+
+def _check_compensation_calibration(args: argparse.Namespace, dense, example, structures, train_size: int) -> None:
+    """Before the sensitivity pass: refuse --compensate when the calibration samples cannot determine the refit of
+    a layer that loses input channels even at the narrowest width the planner allows; warn when they cannot at the
+    dense width (whether they can then depends on the plan)."""
+    import math
+
+    from .apply import calibration_requirements
+
+    available = min(args.calib_batches * args.calib_batch_size, train_size)
+    needs = calibration_requirements(dense, example)
+    narrowest: dict[str, float] = {}  # layer -> smallest fraction of its input channels a plan can keep
+    for g in structures:
+        keep = max(args.min_channels, g.size - math.floor(args.max_layer_ratio * g.size + 1e-9)) / g.size
+        for n in g.in_modules:
+            narrowest[n] = min(narrowest.get(n, 1.0), keep)
+    hard = {n: needs[n].samples(max(1, math.ceil(needs[n].regressors * f))) for n, f in narrowest.items() if n in needs}
+    worst = max(hard, key=hard.get, default=None)
+    if worst is not None and available < hard[worst]:
+        raise CLIError(f"--compensate: {available} calibration samples cannot determine the refit of {worst!r} "
+                       f"({needs[worst].regressors} input columns, {needs[worst].rows_per_sample} row(s) per sample; "
+                       f"at least {hard[worst]} samples even at the narrowest width a plan allows): raise "
+                       f"--calib-batches or --calib-batch-size, or drop --compensate")
+    short = sorted((n for n in needs if available < needs[n].samples()), key=lambda n: -needs[n].samples())
+    if short:
+        _log(f"--compensate: {available} calibration samples may not determine the refit of {len(short)} layer(s) "
+             f"(e.g. {short[0]!r} needs {needs[short[0]].samples()} at its dense width); a narrowed layer that cannot "
+             f"be fit stops the run after planning, another keeps its weights: pass more calibration samples")
 
 
 def _sensitivity(args: argparse.Namespace, setup, source: dict[str, Any], device, stored: Path | None = None):

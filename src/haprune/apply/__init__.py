@@ -27,7 +27,8 @@ from .. import distributed
 from ..graph import Group, StructureSet, build_dependency_graph, build_structures, output_shapes, run_forward
 from ..plan import Plan
 from ..recover import batchnorm_stats_restored, reestimate_batchnorm
-from .compensate import COMPENSATE_MODES, CompensationError, CompensationResult, compensate
+from .compensate import (COMPENSATE_MODES, CompensationError, CompensationResult, LayerNeed, calibration_requirements,
+                         compensate, samples_needed)
 from .implant import IMPLANT_INITS, ImplantConv2d, LstsqAccumulator, make_implant, merge_implants, set_implant_weight
 from .regression import UndeterminedFitError
 
@@ -35,6 +36,7 @@ _compensate = compensate  # apply_plan's own argument is called ``compensate``
 
 __all__ = ["apply_plan", "merge_implants", "ImplantConv2d", "IMPLANT_INITS", "PlanMismatchError", "compensate",
            "COMPENSATE_MODES", "CompensationResult", "CompensationError", "UndeterminedFitError", "channel_maps",
+           "LayerNeed", "calibration_requirements", "samples_needed",
            "set_submodule"]
 
 

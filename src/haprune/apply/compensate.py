@@ -46,7 +46,8 @@ from ..graph import eval_mode, model_device
 from .implant import ImplantConv2d
 from .regression import RidgeRegression, UndeterminedFitError
 
-__all__ = ["COMPENSATE_MODES", "CompensationResult", "compensate", "CompensationError"]
+__all__ = ["COMPENSATE_MODES", "CompensationResult", "compensate", "CompensationError", "LayerNeed",
+           "calibration_requirements", "samples_needed"]
 
 COMPENSATE_MODES = ("sequential", "dense-inputs")
 
@@ -376,6 +377,63 @@ class _Aborted(Exception):
 
 # ------------------------------------------------------------------------------------------------ entry point
 
+@dataclass(frozen=True)
+class LayerNeed:
+    """What one layer's least-squares fit needs: ``regressors`` columns (input channels x kernel taps) and one
+    intercept, from ``rows_per_sample`` regression rows per calibration sample (a conv's output positions, a
+    linear layer's tokens)."""
+
+    rows_per_sample: int
+    regressors: int
+
+    def samples(self, regressors: int | None = None) -> int:
+        """Calibration samples that determine a fit of ``regressors`` columns (default: all of them)."""
+        k = self.regressors if regressors is None else regressors
+        return -(-(k + 1) // max(1, self.rows_per_sample))
+
+
+def calibration_requirements(model: nn.Module, example: Any, layers: Iterable[str] | None = None
+                             ) -> dict[str, LayerNeed]:
+    """Regression rows per calibration sample and regressors of each layer :func:`compensate` can refit (Conv2d
+    with groups 1, Linear; or those named in ``layers``), from one forward pass of ``example`` (a batch of any size;
+    the model is not changed). Cheap: meant to check the calibration data's size before expensive work."""
+    mods = dict(model.named_modules())
+    names = [n for n, m in mods.items() if n and _supported(m) and not _inside_implant(n, mods)]
+    if layers is not None:
+        wanted = set(layers)
+        names = [n for n in names if n in wanted]
+    x = example[0] if isinstance(example, (tuple, list)) else example
+    batch = int(x.shape[0]) if isinstance(x, torch.Tensor) and x.dim() > 0 else 1
+    rows: dict[str, int] = {}
+
+    def hook(m, inp, out, n):
+        t = out[0] if isinstance(out, (tuple, list)) else out
+        per = t.numel() // max(1, _out_width(m))
+        rows[n] = max(1, per // max(1, batch))
+
+    handles = [mods[n].register_forward_hook(lambda m, i, o, n=n: hook(m, i, o, n)) for n in names]
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(*example) if isinstance(example, (tuple, list)) else model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for n in names:
+        if n in rows:
+            kh, kw = _kernel(mods[n])
+            out[n] = LayerNeed(rows[n], _in_width(mods[n]) * kh * kw)
+    return out
+
+
+def samples_needed(needs: dict[str, LayerNeed]) -> tuple[int, str | None]:
+    """The most calibration samples any layer of ``needs`` requires, and that layer's name (``(0, None)`` if none)."""
+    if not needs:
+        return 0, None
+    name = max(needs, key=lambda n: needs[n].samples())
+    return needs[name].samples(), name
+
+
 def compensate(
     dense: nn.Module,
     pruned: nn.Module,
@@ -500,6 +558,15 @@ def compensate(
         chosen = [n for n in order]
         p_bn = _following_batchnorm(pruned, chosen, probe)
         d_bn = _following_batchnorm(dense, chosen, probe)
+    # before any pass: a layer that must be refit and that the calibration data cannot determine fails now
+    needs = calibration_requirements(pruned, probe, [n for n in chosen if not skip_unchanged or n in fixed])
+    short = {n: need for n, need in needs.items() if count * need.rows_per_sample < need.regressors + 1}
+    if short:
+        worst, most = max(short, key=lambda n: short[n].samples()), max(need.samples() for need in short.values())
+        raise UndeterminedFitError(
+            f"{count} calibration samples cannot determine the refit of {len(short)} layer(s), e.g. {worst!r} "
+            f"({short[worst].regressors} regressors, {short[worst].rows_per_sample} row(s) per sample): pass at "
+            f"least {most} calibration samples, or prune without compensation")
     outs: dict[str, torch.Tensor | None] = {}
     unknown_outputs: dict[str, CompensationError] = {}
     ins: dict[str, torch.Tensor | None] = {}
