@@ -204,3 +204,26 @@ def test_obs_row(tmp_path):
     record = sweep.run_one(ctx, "resnet20", "obs", "params", 0.5, 0)
     assert record["details"]["resolved_criterion"] == "obs" and abs(record["params"]["removed"] - 0.5) <= 0.01
     assert record["sensitivity_seconds"] > 0 and sweep.CRITERIA["obs+comp"]["compensate"] == sweep.COMPENSATE_MODE
+
+
+def test_lr_grid_fine_tunes_each_rate_from_the_same_start_and_keeps_the_best_validating(tmp_path):
+    """A preset with lr_grid trains one copy per learning rate (each its own keyed checkpoints) from the same
+    pruned model and records every rate; the kept model is the one with the best validation accuracy."""
+    sweep = load_benchmark("sweep")
+    torch.manual_seed(0)
+    dense = create_model("resnet20", in_channels=1, num_classes=10).eval()
+    preset = dataclasses.replace(sweep.PRESETS["cpu-lrsel"], name="tiny", epochs=1, batch_size=16,
+                                 max_batches_per_epoch=2, eval_limit=None, calib_batches=1, calib_batch_size=16)
+    assert [c.lr for c in preset.finetune_configs(0)] == [0.01, 0.002]
+    ctx = sweep.SweepContext(_tiny_data(), lambda name: dense, preset, results_dir=tmp_path / "results",
+                             runs_dir=tmp_path / "runs")
+    record = sweep.run_one(ctx, "resnet20", "l2", "params", 0.5, 0)
+    grid = record["finetune"]["lr_grid"]
+    assert [g["lr"] for g in grid] == [0.01, 0.002]
+    assert len({g["checkpoint_key"] for g in grid}) == 2
+    for g in grid:
+        assert (tmp_path / "runs" / "tiny" / "resnet20" / f"ft-{g['checkpoint_key']}").is_dir()
+    best = max(grid, key=lambda g: g["val_accuracy"])
+    assert record["finetune"]["config"]["lr"] == best["lr"]
+    assert record["finetune"]["result"]["final_val_accuracy"] == best["val_accuracy"]
+    assert record["finetune"]["checkpoint_key"] == best["checkpoint_key"]
