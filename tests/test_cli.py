@@ -179,3 +179,21 @@ def test_compensation_with_too_little_calibration_data_is_refused_before_the_sen
     err = capsys.readouterr().err
     assert re.search(r"--compensate: 4 calibration samples cannot determine the refit of '[\w.]+'", err)
     assert "--calib-batches" in err and not out.exists()
+
+
+def test_compensation_is_on_by_default_where_the_calibration_data_determines_it(data_dir, trained, tmp_path, capsys):
+    """--compensate auto (the default) resolves to sequential with enough calibration samples (report: the resolved
+    mode, what was asked, the refit layers) and to none, with a warning and BatchNorm re-estimation, with too few."""
+    common = ["prune", "--model", "resnet20", "--weights", trained, "--data-dir", data_dir, "--target", "0.5",
+              "--finetune-epochs", "0", "--latency-batch", "2", "--latency-repeats", "2", "--quiet", "--no-cache"]
+    assert run(*common, "--out", tmp_path / "many", "--calib-batches", "4", "--calib-batch-size", "64") == 0
+    report = json.loads((tmp_path / "many" / "report.json").read_text())
+    assert report["settings"]["compensate"] == "sequential"
+    assert report["settings"]["compensate_requested"] == "auto"
+    assert len(report["compensation"]["layers"]) > 0
+    assert "compensation off" not in capsys.readouterr().err
+    assert run(*common, "--out", tmp_path / "few", "--calib-batches", "1", "--calib-batch-size", "4") == 0
+    report = json.loads((tmp_path / "few" / "report.json").read_text())
+    assert report["settings"]["compensate"] == "none" and not report["compensation"]
+    err = capsys.readouterr().err
+    assert "compensation off" in err and "--compensate none" in err

@@ -73,7 +73,7 @@ def test_parser_choices_match_the_library():
     assert cli.ALLOCATIONS == ALLOCATIONS
     assert cli.CRITERIA == CRITERIA and cli.SCORE_RULES == SCORE_RULES
     assert cli.IMPLANT_INITS == IMPLANT_INITS and cli.IMPLANT_KINDS == IMPLANT_KINDS
-    assert cli.COMPENSATE_CHOICES == ("none", *COMPENSATE_MODES)
+    assert cli.COMPENSATE_CHOICES == ("auto", "none", *COMPENSATE_MODES)
 
 
 def test_help_and_argument_errors_import_no_torch():

@@ -50,6 +50,8 @@ def test_prune_hf_writes_a_reloadable_smaller_model(folder, criterion, capsys):
     report = json.loads((folder / "out" / "report.json").read_text())
     assert report["counts"]["removed"] == 4 and report["params"]["after"] < report["params"]["before"]
     assert set(report["accuracy"]) == {"dense", "oneshot", "finetuned"}
+    # compensation is on by default (--compensate auto): the output projections that lost heads were refit
+    assert report["compensate"] == {"requested": "auto", "used": "sequential"} and report["compensation"]
     plan = json.loads((folder / "out" / "plan.json").read_text())
     assert sum(len(g["remove"]) for g in plan["groups"].values()) == 4
     model = TextClassifier(from_pretrained(folder / "out" / "model"))

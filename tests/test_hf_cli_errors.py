@@ -138,7 +138,7 @@ def test_help_shows_every_default(capsys):
     assert e.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
     for needle in ("--text-column TEXT_COLUMN CSV column with the texts (default: text)",
-                   "(default: label)", "--compensate {none,sequential,dense-inputs}", "--num-labels",
+                   "(default: label)", "--compensate {auto,none,sequential,dense-inputs}", "--num-labels",
                    "--hf-vision"):
         assert needle in out, needle
 

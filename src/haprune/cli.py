@@ -38,7 +38,7 @@ CRITERIA = ("auto", "hutchinson", "ggn", "fisher", "empirical_fisher", "l1", "l2
 SCORE_RULES = ("hap", "obd")
 IMPLANT_INITS = ("zeros", "lstsq")
 IMPLANT_KINDS = ("1x1", "separable")
-COMPENSATE_CHOICES = ("none", "sequential", "dense-inputs")
+COMPENSATE_CHOICES = ("auto", "none", "sequential", "dense-inputs")
 ALLOCATIONS = ("global", "cost-aware")
 # Sizes a model.json may ask for: beyond them a tampered file would allocate gigabytes before failing
 MAX_CLASSES = 100_000
@@ -565,11 +565,33 @@ def _setup(args: argparse.Namespace, source: dict[str, Any], device):
     if structures.refused:
         _log("refused groups: " + "; ".join(f"{n} ({w})" for n, w in structures.refused))
     if getattr(args, "compensate", "none") != "none":
-        _check_compensation_calibration(args, dense, example, structures, len(data.train))
+        _resolve_compensation(args, dense, example, structures, len(data.train))
     return types.SimpleNamespace(dense=dense, data=data, example=example, calib=calib, structures=structures)
 
 
-def _check_compensation_calibration(args: argparse.Namespace, dense, example, structures, train_size: int) -> None:
+def _resolve_compensation(args: argparse.Namespace, dense, example, structures, train_size: int) -> None:
+    """``--compensate auto`` (the default) becomes ``sequential`` when the calibration data can determine the
+    refits (:func:`_check_compensation_calibration`), else ``none`` with a warning; an explicit mode is checked and
+    refused with a clear error. ``args.compensate`` holds the resolved mode afterwards (recorded in the report)."""
+    requested = args.compensate
+    args.compensate_requested = requested
+    if requested != "auto":
+        _check_compensation_calibration(args, dense, example, structures, train_size)
+        return
+    args.compensate = "sequential"
+    try:
+        short = _check_compensation_calibration(args, dense, example, structures, train_size, quiet=True)
+    except CLIError as e:
+        short, reason = ["?"], str(e).removeprefix("--compensate: ")
+    else:
+        reason = f"{len(short)} layer(s) could not be refit from {min(args.calib_batches * args.calib_batch_size, train_size)} calibration samples"
+    if short:
+        args.compensate = "none"
+        _log(f"compensation off: {reason} (pass more calibration samples, or --compensate none to silence this)")
+
+
+def _check_compensation_calibration(args: argparse.Namespace, dense, example, structures, train_size: int,
+                                    quiet: bool = False) -> list[str]:
     """Before the sensitivity pass: refuse --compensate when the calibration samples cannot determine the refit of
     a layer that loses input channels even at the narrowest width the planner allows; warn when they cannot at the
     dense width (whether they can then depends on the plan)."""
@@ -592,10 +614,11 @@ def _check_compensation_calibration(args: argparse.Namespace, dense, example, st
                        f"at least {hard[worst]} samples even at the narrowest width a plan allows): raise "
                        f"--calib-batches or --calib-batch-size, or drop --compensate")
     short = sorted((n for n in needs if available < needs[n].samples()), key=lambda n: -needs[n].samples())
-    if short:
+    if short and not quiet:
         _log(f"--compensate: {available} calibration samples may not determine the refit of {len(short)} layer(s) "
              f"(e.g. {short[0]!r} needs {needs[short[0]].samples()} at its dense width); a narrowed layer that cannot "
              f"be fit stops the run after planning, another keeps its weights: pass more calibration samples")
+    return short
 
 
 def _sensitivity(args: argparse.Namespace, setup, source: dict[str, Any], device, stored: Path | None = None):
@@ -675,15 +698,23 @@ def _prune_oneshot(args: argparse.Namespace, setup, plan, device):
     """3. apply (surgery, implants, compensation) and the first step of recovery, BatchNorm re-estimation: the
     one-shot model (a new module; the dense one is unchanged)."""
     from . import distributed
-    from .apply import apply_plan
+    from .apply import UndeterminedFitError, apply_plan
     from .data import batches
     from .recover import reestimate_batchnorm
 
     calib_fit = batches(setup.data.train, args.calib_batch_size, shuffle=True, seed=args.seed,
                         limit=args.calib_batches * args.calib_batch_size, device=device)
     extra = {"compensate": args.compensate} if args.compensate != "none" else {}
-    pruned = apply_plan(setup.dense, plan, setup.example, structures=setup.structures,
-                        implant_init=args.implant_init, calibration=calib_fit, group=_group(), **extra)
+    try:
+        pruned = apply_plan(setup.dense, plan, setup.example, structures=setup.structures,
+                            implant_init=args.implant_init, calibration=calib_fit, group=_group(), **extra)
+    except UndeterminedFitError as e:
+        if getattr(args, "compensate_requested", None) != "auto":
+            raise CLIError(f"--compensate {args.compensate}: {e}") from None
+        _log(f"compensation off: {e}")  # auto: the plan narrowed a layer past what the calibration determines
+        args.compensate = "none"
+        pruned = apply_plan(setup.dense, plan, setup.example, structures=setup.structures,
+                            implant_init=args.implant_init, calibration=calib_fit, group=_group())
     if _bn_reestimate(args):
         reestimate_batchnorm(pruned, batches(setup.data.train, 256, shuffle=True, seed=args.seed, device=device), 16,
                              group=_group())
@@ -1313,10 +1344,11 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--implant-kind", choices=IMPLANT_KINDS, default="1x1", help="(default: %(default)s)")
     p.add_argument("--implant-init", choices=IMPLANT_INITS, default="lstsq",
                    help="zeros (official) or lstsq (fit to the original channel) (default: %(default)s)")
-    p.add_argument("--compensate", choices=COMPENSATE_CHOICES, default="none",
+    p.add_argument("--compensate", choices=COMPENSATE_CHOICES, default="auto",
                    help="refit the layers that consumed removed channels to reproduce the dense model's outputs on "
-                        "the calibration data: sequential (on the pruned model's own inputs) or dense-inputs "
-                        "(default: %(default)s)")
+                        "the calibration data: sequential (on the pruned model's own inputs), dense-inputs, none; "
+                        "auto = sequential when the calibration samples determine every refit, else none with a "
+                        "warning (default: %(default)s)")
     p.add_argument("--no-bn-reestimate", action="store_true", help="skip BatchNorm re-estimation after surgery (always skipped with --compensate, which "
                         "keeps the dense statistics valid)")
     p.add_argument("--eval-limit", type=int, default=None,

@@ -27,7 +27,7 @@ from typing import Any
 # the names of haprune.hf.importance.UNIT_CRITERIA (kept here so that building the parser imports no torch;
 # tests/test_hf_cli_errors.py checks that the two agree)
 CRITERIA = ("hap", "hap-ggn", "michel", "magnitude", "random", "obs", "hap-obs")
-COMPENSATION = ("none", "sequential", "dense-inputs")
+COMPENSATION = ("auto", "none", "sequential", "dense-inputs")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
                     "sentencepiece.bpe.model", "tokenizer.model")
 
@@ -59,10 +59,11 @@ def add_parser(sub: Any) -> None:
                         "(default: %(default)s, none)")
     p.add_argument("--implant-rank", type=int, default=None,
                    help="implanted head dimension, at most the model's head dimension (default: head_dim/4)")
-    p.add_argument("--compensate", choices=list(COMPENSATION), default="none",
+    p.add_argument("--compensate", choices=list(COMPENSATION), default="auto",
                    help="after removal, refit the output / down projections that lost inputs to the dense model's "
                         "outputs on the calibration batches: sequential (on the pruned model's own inputs, in "
-                        "forward order) or dense-inputs (on the dense model's inputs) (default: %(default)s)")
+                        "forward order), dense-inputs (on the dense model's inputs), none; auto = sequential, or none "
+                        "with a warning when the calibration tokens cannot determine a refit (default: %(default)s)")
     p.add_argument("--data", default="rotten-tomatoes", help="rotten-tomatoes, or a CSV file (default: %(default)s)")
     p.add_argument("--text-column", default="text", help="CSV column with the texts (default: %(default)s)")
     p.add_argument("--label-column", default="label",
@@ -362,13 +363,26 @@ def _prune(args: argparse.Namespace, folder: Path, config: Any, tok: Any, parts:
                             implant_ratio=args.implant_ratio, implant_rank=args.implant_rank)
     plan = type(plan).from_dict(distributed.broadcast_json(plan.to_dict(), group))  # rank 0's, on every rank
     compensation: dict[str, Any] | None = None
+    requested = args.compensate
+    if requested == "auto":
+        args.compensate = "sequential"
+    pruned = None
+    from ..apply.regression import UndeterminedFitError
+
     if args.compensate == "sequential":
         _log("compensating: refitting the projections that lost inputs (sequential)")
-        pruned = prune_transformer(net, plan, compensate=calib, progress=True)
-        from .surgery import RECORD_KEY, find_pretrained
+        try:
+            pruned = prune_transformer(net, plan, compensate=calib, progress=True)
+        except UndeterminedFitError as e:
+            if requested != "auto":
+                raise _UsageError(f"--compensate sequential: {e}; pass more --calib-batches") from None
+            _log(f"compensation off: {e} (pass more --calib-batches, or --compensate none to silence this)")
+            args.compensate = "none"
+        else:
+            from .surgery import RECORD_KEY, find_pretrained
 
-        compensation = dict(getattr(find_pretrained(pruned)[1].config, RECORD_KEY).get("compensation") or {})
-    else:
+            compensation = dict(getattr(find_pretrained(pruned)[1].config, RECORD_KEY).get("compensation") or {})
+    if pruned is None:
         pruned = prune_transformer(net, plan)
         if args.compensate == "dense-inputs":
             _log("compensating: refitting the projections that lost inputs (dense-inputs)")
@@ -393,7 +407,8 @@ def _prune(args: argparse.Namespace, folder: Path, config: Any, tok: Any, parts:
               "counts": plan.counts(), "achieved": plan.achieved,
               "params": {"before": count(net), "after": count(pruned)},
               "accuracy": accuracy, "majority_class_rate": majority, "warnings": warnings,
-              "compensation": compensation, "num_labels": num_labels,
+              "compensation": compensation, "compensate": {"requested": requested, "used": args.compensate},
+              "num_labels": num_labels,
               "estimate_seconds": round(est_seconds, 2), "test_texts": len(data["test"])}
     atomic_write_json(out / "report.json", report)
     c = plan.counts()
