@@ -575,31 +575,32 @@ def _resolve_compensation(args: argparse.Namespace, dense, example, structures, 
     refused with a clear error. ``args.compensate`` holds the resolved mode afterwards (recorded in the report)."""
     requested = args.compensate
     args.compensate_requested = requested
+    available = min(args.calib_batches * args.calib_batch_size, train_size)
     if requested != "auto":
-        _check_compensation_calibration(args, dense, example, structures, train_size)
+        _check_compensation_calibration(args, dense, example, structures, available)
         return
     args.compensate = "sequential"
     try:
-        short = _check_compensation_calibration(args, dense, example, structures, train_size, quiet=True)
+        short = _check_compensation_calibration(args, dense, example, structures, available, quiet=True)
     except CLIError as e:
         short, reason = ["?"], str(e).removeprefix("--compensate: ")
     else:
-        reason = f"{len(short)} layer(s) could not be refit from {min(args.calib_batches * args.calib_batch_size, train_size)} calibration samples"
+        reason = f"{len(short)} layer(s) could not be refit from {available} calibration samples"
     if short:
         args.compensate = "none"
         _log(f"compensation off: {reason} (pass more calibration samples, or --compensate none to silence this)")
 
 
-def _check_compensation_calibration(args: argparse.Namespace, dense, example, structures, train_size: int,
+def _check_compensation_calibration(args: argparse.Namespace, dense, example, structures, available: int,
                                     quiet: bool = False) -> list[str]:
-    """Before the sensitivity pass: refuse --compensate when the calibration samples cannot determine the refit of
-    a layer that loses input channels even at the narrowest width the planner allows; warn when they cannot at the
-    dense width (whether they can then depends on the plan)."""
+    """Before the sensitivity pass: refuse --compensate when ``available`` calibration samples cannot determine the
+    refit of a layer that loses input channels even at the narrowest width the planner allows; warn (unless
+    ``quiet``) when they cannot at the dense width (whether they can then depends on the plan). Returns the layers
+    undetermined at their dense width."""
     import math
 
     from .apply import calibration_requirements
 
-    available = min(args.calib_batches * args.calib_batch_size, train_size)
     needs = calibration_requirements(dense, example)
     narrowest: dict[str, float] = {}  # layer -> smallest fraction of its input channels a plan can keep
     for g in structures:

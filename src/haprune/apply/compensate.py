@@ -560,9 +560,9 @@ def compensate(
         d_bn = _following_batchnorm(dense, chosen, probe)
     # before any pass: a layer that must be refit and that the calibration data cannot determine fails now
     needs = calibration_requirements(pruned, probe, [n for n in chosen if not skip_unchanged or n in fixed])
-    short = {n: need for n, need in needs.items() if count * need.rows_per_sample < need.regressors + 1}
+    short = {n: need for n, need in needs.items() if count < need.samples()}
     if short:
-        worst, most = max(short, key=lambda n: short[n].samples()), max(need.samples() for need in short.values())
+        most, worst = samples_needed(short)
         raise UndeterminedFitError(
             f"{count} calibration samples cannot determine the refit of {len(short)} layer(s), e.g. {worst!r} "
             f"({short[worst].regressors} regressors, {short[worst].rows_per_sample} row(s) per sample): pass at "
