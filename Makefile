@@ -37,8 +37,7 @@ test: install
 # transformers 5.x beside the pinned 4.57: .venv/hf5 sees the main venv's packages (torch, haprune, ...) through a
 # .pth file and installs only transformers 5 and what it needs over them. Runs the haprune.hf test files.
 HF5      := .venv/hf5
-HF_TESTS := tests/test_hf.py tests/test_hf_cli.py tests/test_hf_layouts.py tests/test_hf_cli_errors.py \
-            $(wildcard tests/test_hf_compensate.py)
+HF_TESTS := $(sort $(wildcard tests/test_hf*.py))
 
 $(HF5)/.installed: $(STAMP) requirements/hf5.txt
 	rm -rf $(HF5)

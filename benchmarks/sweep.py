@@ -353,7 +353,7 @@ def _haprune_prune(ctx: SweepContext, model_name: str, spec: dict, budget: str, 
                                     if k in sens.info},
             "compensate": spec.get("compensate"), "apply_seconds": round(apply_seconds, 3),
             "compensation": compensation_summary(getattr(pruned, "haprune_compensation", None)),
-            "plan_counts": plan.counts(),
+            "plan_counts": plan.counts(), "allocation": plan.allocation,
             # which channels go / are implanted: part of the fine-tuning checkpoint key (popped from the record)
             "_plan_desc": {k: [g.size, list(map(int, g.remove)), list(map(int, g.implant))]
                            for k, g in plan.groups.items()},

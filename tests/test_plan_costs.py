@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from haprune.apply import apply_plan
 from haprune.graph import build_structures
-from haprune.plan import ALLOCATIONS, BudgetError, CostModel, Plan, make_plan
+from haprune.plan import ALLOCATIONS, DEFAULT_ALLOCATION, BudgetError, CostModel, Plan, make_plan
 from haprune.report import count_flops, count_params
 from nets import make_net
 from zoo import make
@@ -212,6 +212,16 @@ def test_allocation_is_recorded_and_checked():
         assert Plan.from_json(plan.to_json()).allocation == allocation
     with pytest.raises(ValueError, match="allocation must be one of"):
         make_plan(S, scores, COST, 0.4, allocation="greedy")
+
+
+def test_default_allocation_follows_the_budget():
+    # params: the raw ranking; FLOPs: the knapsack (docs/results/allocation.md); an explicit choice always wins
+    scores = torch.rand(S.num_structures, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert make_plan(S, scores, COST, 0.4).allocation == DEFAULT_ALLOCATION["params"] == "global"
+    plan = make_plan(S, scores, COST, 0.4, budget="flops")
+    assert plan.allocation == DEFAULT_ALLOCATION["flops"] == "cost-aware"
+    assert plan.to_dict() == make_plan(S, scores, COST, 0.4, budget="flops", allocation="cost-aware").to_dict()
+    assert make_plan(S, scores, COST, 0.4, budget="flops", allocation="global").allocation == "global"
 
 
 def _removed_score(plan, scores):

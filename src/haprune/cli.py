@@ -1333,8 +1333,8 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
                    help="fully-qualified names of layers whose outputs are kept (default: the classifier)")
     p.add_argument("--allocation", choices=ALLOCATIONS, default=None,
                    help="how removals are spread over layers: 'global' (the raw score ranking) or 'cost-aware' (least "
-                        "score per unit of budget saved, one knapsack); default: cost-aware for --budget latency, "
-                        "global otherwise (measured better one-shot: docs/results/allocation.md)")
+                        "score per unit of budget saved, one knapsack); default: global for --budget params, "
+                        "cost-aware for flops and latency (chosen one-shot: docs/results/allocation.md)")
     p.add_argument("--round-to", type=int, default=4,
                    help="keep every group's width a multiple of this for faster kernels; 1 = any width. The default "
                         "4 was chosen by benchmarks/latency.py --round-to-study (docs/results/latency_round_to.md): "

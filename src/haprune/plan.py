@@ -42,9 +42,10 @@ if TYPE_CHECKING:
 
 IMPLANT_KINDS = ("1x1", "separable")  # CNN implants; haprune.hf plans use "lowrank" (attention heads)
 ALLOCATIONS = ("global", "cost-aware")
-# The allocation make_plan uses for params / FLOPs budgets when none is given (latency budgets always default to
-# the cost-aware knapsack): chosen by benchmarks/allocation.py, see docs/results/allocation.md.
-DEFAULT_ALLOCATION = "global"
+# The allocation make_plan uses per budget when none is given. Params and FLOPs: chosen one-shot on the default
+# (compensated) pipeline by benchmarks/allocation.py, see docs/results/allocation.md. Latency: the knapsack, since a
+# score order alone spends accuracy on layers whose time hardly falls.
+DEFAULT_ALLOCATION: Mapping[str, str] = {"params": "global", "flops": "cost-aware", "latency": "cost-aware"}
 PLAN_VERSION = 1
 
 
@@ -439,7 +440,8 @@ def make_plan(
         allocation: ``"global"`` removes structures in score order (the raw global ranking); ``"cost-aware"``
             removes, group by group in steps of ``round_to`` channels, the channels with the smallest summed score
             per unit of budget saved (a greedy knapsack: a score order alone spends accuracy on layers whose cost
-            hardly falls). Default: ``"cost-aware"`` for latency, :data:`DEFAULT_ALLOCATION` otherwise.
+            hardly falls). Default: :data:`DEFAULT_ALLOCATION` for the budget (``"global"`` for params,
+            ``"cost-aware"`` for FLOPs and latency).
         max_layer_ratio: at most this fraction of any group's channels is removed (enforced, not a hint); removed
             and implanted channels together also stay within it.
         min_channels: every group keeps at least this many channels as they are (not implanted).
@@ -458,7 +460,7 @@ def make_plan(
     if budget not in ("params", "flops", "latency"):
         raise ValueError(f"budget must be 'params', 'flops' or 'latency', got {budget!r}")
     if allocation is None:
-        allocation = "cost-aware" if budget == "latency" else DEFAULT_ALLOCATION
+        allocation = DEFAULT_ALLOCATION[budget]
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
     if budget == "latency" and cost.latency_table is None:
