@@ -65,6 +65,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CALIBRATION_PROTOCOL = "random-train-subset-per-seed"
 CALIB_SEED_OFFSET = 104729
 LEGACY_DIR = "legacy_first512_calibration"
+# f50 records planned with the raw global ranking (the FLOPs default before docs/results/allocation.md), kept apart
+F50_GLOBAL_DIR = "f50_global_allocation"
 RESULTS = ROOT / "docs" / "results" / "sweep"
 RUNS = ROOT / "runs" / "sweep"
 MODELS = ("resnet20", "resnet56", "vgg16_bn")
@@ -889,7 +891,11 @@ HEADER = [
     "refitted by least squares to the dense model's outputs on the calibration images), everything else equal. "
     "`tp-*` rows are Torch-Pruning's own MetaPruner (global pruning, classifier ignored, ratio bisected to the "
     "target). Records made with the earlier protocol (every seed calibrated on the first 512 training images) are "
-    "kept apart in [" + LEGACY_DIR + "/](" + LEGACY_DIR + "/README.md) and never mixed in.",
+    "kept apart in [" + LEGACY_DIR + "/](" + LEGACY_DIR + "/README.md) and never mixed in. Plans use "
+    "`make_plan`'s default allocation for their budget (each record says which: the raw global ranking for "
+    "parameters, the cost-aware knapsack for FLOPs, see ../allocation.md); the f50 records planned with the "
+    "global ranking before FLOPs budgets defaulted to the knapsack are in [" + F50_GLOBAL_DIR + "/](" +
+    F50_GLOBAL_DIR + "/README.md).",
     "",
     "**CPU speed-up**: dense / pruned median latency in eager PyTorch, batch 64, 2 threads, the two timed "
     "interleaved by `python benchmarks/sweep.py --latency` (the pruned architecture rebuilt from the run's "
