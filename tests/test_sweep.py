@@ -227,3 +227,27 @@ def test_lr_grid_fine_tunes_each_rate_from_the_same_start_and_keeps_the_best_val
     assert record["finetune"]["config"]["lr"] == best["lr"]
     assert record["finetune"]["result"]["final_val_accuracy"] == best["val_accuracy"]
     assert record["finetune"]["checkpoint_key"] == best["checkpoint_key"]
+
+
+def test_distilled_preset_trains_against_the_dense_teacher_under_its_own_key(tmp_path):
+    """cpu-kd mixes in distillation from the dense model: the same start and batches as the undistilled run, another
+    loss (so other weights) and another checkpoint key; the record says how it was trained."""
+    sweep = load_benchmark("sweep")
+    kd = sweep.PRESETS["cpu-kd"]
+    assert kd.distill_alpha > 0 and kd.finetune_config(0).distill_alpha == kd.distill_alpha
+    records = {}
+    for alpha in (0.0, kd.distill_alpha):
+        torch.manual_seed(0)
+        dense = create_model("resnet20", in_channels=1, num_classes=10).eval()
+        preset = dataclasses.replace(kd, name=f"tiny{alpha}", epochs=1, batch_size=16, max_batches_per_epoch=2,
+                                     eval_limit=None, calib_batches=1, calib_batch_size=16, distill_alpha=alpha)
+        ctx = sweep.SweepContext(_tiny_data(), lambda name: dense, preset, results_dir=tmp_path / "results",
+                                 runs_dir=tmp_path / "runs")
+        records[alpha] = sweep.run_one(ctx, "resnet20", "l2", "params", 0.5, 0)
+    plain, distilled = records[0.0], records[kd.distill_alpha]
+    assert distilled["finetune"]["config"]["distill_alpha"] == kd.distill_alpha
+    assert distilled["finetune"]["config"]["distill_temperature"] == kd.distill_temperature
+    assert plain["accuracy"]["oneshot"] == distilled["accuracy"]["oneshot"]  # the same pruned start
+    assert plain["finetune"]["checkpoint_key"] != distilled["finetune"]["checkpoint_key"]
+    loss = [r["finetune"]["result"]["history"][0]["train_loss"] for r in (plain, distilled)]
+    assert loss[0] != loss[1]  # the teacher's term is in the loss
