@@ -663,6 +663,8 @@ HAP_VARIANTS = tuple(c for c in CRITERIA if is_hap(c))
 DENSE_LOSS_GOALS = ((0.5, 0.3), (0.7, 0.8))
 # goal 3: at this target, this row at least level with that one (paired by seed)
 LEVEL_GOAL = (("flops", 0.5), "hap+comp", "l2+comp")
+# fine-tuning budgets compared run for run (same model, criterion, target and seed: the same pruned start)
+PRESET_PAIRS = (("cpu-kd", "cpu-lrsel"),)
 # two-sided 95% Student t quantiles t_{0.975, df} for df = 1..30 (beyond: Cornish-Fisher expansion of the normal)
 _T975 = (12.7062047, 4.30265273, 3.18244631, 2.77644511, 2.57058184, 2.44691185, 2.36462425, 2.30600414,
          2.26215716, 2.22813885, 2.20098516, 2.17881283, 2.16036866, 2.14478669, 2.13144955, 2.11990530,
@@ -1108,6 +1110,34 @@ def _goals(model: str, preset: str, records: list[dict]) -> list[str]:
              ""] + _dense_goal(records) + _best_vs_others_goal(records) + _level_goal(records))
 
 
+def preset_comparison(records: list[dict], pairs=PRESET_PAIRS) -> list[str]:
+    """For each (preset, reference preset) pair: fine-tuned accuracy of the one minus the other, paired by seed, per
+    (model, target, criterion) both ran. Both start from the same pruned model (the plan and compensation do not
+    depend on the budget), so the difference is the fine-tuning's alone."""
+    lines: list[str] = []
+    for name, ref in pairs:
+        ours = _group([r for r in records if r["preset"]["name"] == name],
+                      lambda r: (r["model"], r["budget"], r["target"], r["criterion"]))
+        theirs = _group([r for r in records if r["preset"]["name"] == ref],
+                        lambda r: (r["model"], r["budget"], r["target"], r["criterion"]))
+        rows = []
+        for key in sorted(set(ours) & set(theirs), key=lambda k: (k[0], _target_order(k[1:3]), k[3])):
+            d = paired_difference(ours[key], theirs[key])
+            if d is None:
+                continue
+            a, b = _stat(_accuracies(ours[key])), _stat(_accuracies(theirs[key]))
+            model, budget, target, crit = key
+            rows.append(f"| {model} | {target_tag(budget, target)} | {crit} | {d.n} | {100 * a.mean:.2f} "
+                        f"| {100 * b.mean:.2f} | {d.text()} |")
+        if rows:
+            lines += [f"## Budget `{name}` against `{ref}`", "",
+                      f"Fine-tuned test accuracy (%) under `{name}` and under `{ref}` from the same pruned model (same "
+                      "plan, compensation and seed), and their paired-by-seed difference in pp with its 95% t-interval.",
+                      "", f"| model | target | criterion | n | `{name}` | `{ref}` | difference [95% interval] |",
+                      "|---|---|---|---|---|---|---|"] + rows + [""]
+    return lines
+
+
 def tables(results_dir: Path = RESULTS) -> str:
     """The README: per (model, preset) one table per target (with its plots linked) and a Goals section."""
     records = load_records(results_dir)
@@ -1129,6 +1159,7 @@ def tables(results_dir: Path = RESULTS) -> str:
             lines += [f"Runs of {model} (budget `{preset}`): {len(rs)} record(s); wall time per run {min(secs):.0f} to "
                       f"{max(secs):.0f} s (mean {statistics.fmean(secs):.0f} s), as measured on the machine and load "
                       "of the time (recorded per run as `seconds`).", ""]
+    lines += preset_comparison(records)
     return "\n".join(lines)
 
 

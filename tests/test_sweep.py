@@ -251,3 +251,30 @@ def test_distilled_preset_trains_against_the_dense_teacher_under_its_own_key(tmp
     assert plain["finetune"]["checkpoint_key"] != distilled["finetune"]["checkpoint_key"]
     loss = [r["finetune"]["result"]["history"][0]["train_loss"] for r in (plain, distilled)]
     assert loss[0] != loss[1]  # the teacher's term is in the loss
+
+
+def test_preset_comparison_pairs_runs_of_two_budgets_by_seed():
+    """The budget comparison section: one row per (model, target, criterion) both presets ran, the difference paired
+    by the seeds both have (here 0-2; seed 3 only in one), with its 95% t-interval."""
+    sweep = load_benchmark("sweep")
+
+    def rec(preset, crit, seed, acc):
+        return {"preset": {"name": preset}, "model": "resnet56", "budget": "params", "target": 0.7,
+                "criterion": crit, "seed": seed, "accuracy": {"finetuned": acc}, "spec": {}}
+
+    kd = [0.9360, 0.9375, 0.9371, 0.9400]
+    ref = [0.9350, 0.9360, 0.9361]
+    records = ([rec("cpu-kd", "hap+comp", s, a) for s, a in enumerate(kd)]
+               + [rec("cpu-lrsel", "hap+comp", s, a) for s, a in enumerate(ref)]
+               + [rec("cpu-lrsel", "l2", 0, 0.93)])  # l2 has no cpu-kd run: no row
+    lines = sweep.preset_comparison(records)
+    rows = [line for line in lines if line.startswith("| resnet56")]
+    assert len(rows) == 1
+    diffs = [100 * (k - r) for k, r in zip(kd, ref)]  # +0.10, +0.15, +0.10
+    mean = sum(diffs) / 3
+    sd = (sum((d - mean) ** 2 for d in diffs) / 2) ** 0.5
+    half = 4.303 * sd / 3 ** 0.5
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    assert cells[:4] == ["resnet56", "p70", "hap+comp", "3"]
+    assert cells[6] == f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]"
+    assert sweep.preset_comparison([r for r in records if r["preset"]["name"] == "cpu-lrsel"]) == []
