@@ -910,6 +910,14 @@ HEADER = [
     "global ranking before FLOPs budgets defaulted to the knapsack are in [" + F50_GLOBAL_DIR + "/](" +
     F50_GLOBAL_DIR + "/README.md).",
     "",
+    "Budgets (fine-tuning presets; SGD, momentum " + f"{FinetuneConfig.momentum:g}): " + "; ".join(
+        f"`{p.name}` {p.epochs} epochs x {p.max_batches_per_epoch or 'all'} batches of {p.batch_size}, "
+        + (f"lr {' and '.join(f'{lr:g}' for lr in p.lr_grid)} (each from the same start; the best-validating kept)"
+           if p.lr_grid else f"lr {p.lr:g}") + f", {p.schedule}, weight decay {p.weight_decay:g}"
+        + (f", distilled from the dense model (alpha {p.distill_alpha:g}, T {p.distill_temperature:g})"
+           if p.distill_alpha else "")
+        for p in PRESETS.values() if p.name != "smoke") + ".",
+    "",
     "**CPU speed-up**: dense / pruned median latency in eager PyTorch, batch 64, 2 threads, the two timed "
     "interleaved by `python benchmarks/sweep.py --latency` (the pruned architecture rebuilt from the run's "
     "per-layer widths, its parameter count checked), only while the machine's 1-minute load average is below "

@@ -1403,7 +1403,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_args(p)
     p.add_argument("--finetune-epochs", type=int, default=10, help="(default: %(default)s; 0 = one-shot only)")
     p.add_argument("--distill", type=float, default=0.0,
-                   help="weight of distillation from the dense model, in [0, 1] (default: %(default)s)")
+                   help="weight of distillation from the dense model, in [0, 1] (default: %(default)s); for a "
+                        "short fine-tune of a compensated model --distill 0.9 --lr 0.002 measured better than no "
+                        "distillation or lr 0.01 "
+                        "(docs/results/sweep/README.md, budget cpu-kd)")
     p.add_argument("--onnx", action="store_true", help="also export model.onnx and check it in ONNX Runtime")
     _add_data_args(p)
     _add_estimate_args(p)
