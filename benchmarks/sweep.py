@@ -1133,14 +1133,14 @@ def preset_comparison(records: list[dict], pairs=PRESET_PAIRS) -> list[str]:
             d = paired_difference(ours[key], theirs[key])
             if d is None:
                 continue
-            a, b = _stat(_accuracies(ours[key])), _stat(_accuracies(theirs[key]))
+            a, b = (_stat(_accuracies([r for r in rs if r["seed"] in d.seeds])) for rs in (ours[key], theirs[key]))
             model, budget, target, crit = key
             rows.append(f"| {model} | {target_tag(budget, target)} | {crit} | {d.n} | {100 * a.mean:.2f} "
                         f"| {100 * b.mean:.2f} | {d.text()} |")
         if rows:
             lines += [f"## Budget `{name}` against `{ref}`", "",
                       f"Fine-tuned test accuracy (%) under `{name}` and under `{ref}` from the same pruned model (same "
-                      "plan, compensation and seed), and their paired-by-seed difference in pp with its 95% t-interval.",
+                      "plan, compensation and seed), means over the seeds both have, and their paired-by-seed difference in pp with its 95% t-interval.",
                       "", f"| model | target | criterion | n | `{name}` | `{ref}` | difference [95% interval] |",
                       "|---|---|---|---|---|---|---|"] + rows + [""]
     return lines
