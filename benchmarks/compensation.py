@@ -220,19 +220,17 @@ def run_cell(b: Bench, criterion: str, budget: str, target: float, seed: int, va
 
 # ------------------------------------------------------------------------------------------------ report
 
-def cell_id(c: dict) -> tuple:
-    return (c["criterion"], c["budget"], c["target"], c["seed"], c["calibration"]["images"], c["variant"])
-
-
 def load_cells() -> list[dict]:
     """The committed cells (docs/results/compensation.json), each replaced or joined by this machine's runs
-    (runs/compensation/cells/): rebuilding the tables on a fresh clone keeps every committed figure."""
-    cells = {cell_id(c): c for c in (json.loads(OUT_JSON.read_text())["cells"] if OUT_JSON.exists() else [])}
-    for p in sorted((RUNS / "cells").glob("*.json")):
-        c = json.loads(p.read_text())
-        cells[cell_id(c)] = c
-    return sorted(cells.values(), key=lambda c: cell_path(c["criterion"], c["budget"], c["target"], c["seed"],
-                                                        c["calibration"]["images"], c["variant"]).name)
+    (runs/compensation/cells/, the same file name per cell): rebuilding the tables on a fresh clone keeps every
+    committed figure."""
+    def name(c: dict) -> str:
+        return cell_path(c["criterion"], c["budget"], c["target"], c["seed"], c["calibration"]["images"],
+                         c["variant"]).name
+
+    cells = {name(c): c for c in (json.loads(OUT_JSON.read_text())["cells"] if OUT_JSON.exists() else [])}
+    cells.update((p.name, json.loads(p.read_text())) for p in (RUNS / "cells").glob("*.json"))
+    return [cells[k] for k in sorted(cells)]
 
 
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
@@ -296,8 +294,9 @@ def goals(cells: list[dict]) -> list[str]:
                    f"s (median of {len(comp)}) against {statistics.median([b for _, b in comp]):.1f} s for the exact-GGN "
                    f"sensitivity pass on the same calibration images (ratio median {statistics.median(ratio):.2f}, max "
                    f"{max(ratio):.2f}); goal: ratio <= 1: {'met' if max(ratio) <= 1 else 'not met'}. Both measured on "
-                   f"the same shared 2-core CPU under load (load averages in the JSON). Measured side by side on a quiet "
-                   f"machine instead: docs/results/compensation_time.md (`python benchmarks/compensation_time.py`).")
+                   f"the same shared 2-core CPU under load (load averages in the JSON). Measured side by side on a "
+                   f"quiet machine instead: docs/results/compensation_time.md "
+                   f"(`python benchmarks/compensation_time.py`).")
     out.append("")
     return out
 

@@ -593,7 +593,7 @@ def run_one(ctx: SweepContext, model_name: str, criterion: str, budget: str, tar
         for i, (c, key) in enumerate(zip(configs, keys)):
             model = pruned if i == 0 else copy.deepcopy(start)
             res = finetune(model, ctx.data.train, ctx.data.val, c, device=ctx.device, progress=ctx.progress,
-                           teacher=dense if c.distill_alpha > 0 else None,
+                           teacher=dense,  # used only when c.distill_alpha > 0 (haprune.recover.finetune)
                            checkpoint_dir=finetune_dir(ctx, model_name, key),
                            log_fn=lambda r, lr=c.lr: _log(f"  lr {lr:g} epoch {r.epoch}: val {r.val_accuracy:.4f}"))
             grid.append({"lr": c.lr, "val_accuracy": res.final_val_accuracy, "best_epoch": res.best_epoch,
@@ -1124,10 +1124,9 @@ def preset_comparison(records: list[dict], pairs=PRESET_PAIRS) -> list[str]:
     depend on the budget), so the difference is the fine-tuning's alone."""
     lines: list[str] = []
     for name, ref in pairs:
-        ours = _group([r for r in records if r["preset"]["name"] == name],
-                      lambda r: (r["model"], r["budget"], r["target"], r["criterion"]))
-        theirs = _group([r for r in records if r["preset"]["name"] == ref],
-                        lambda r: (r["model"], r["budget"], r["target"], r["criterion"]))
+        ours, theirs = (_group([r for r in records if r["preset"]["name"] == preset],
+                               lambda r: (r["model"], r["budget"], r["target"], r["criterion"]))
+                        for preset in (name, ref))
         rows = []
         for key in sorted(set(ours) & set(theirs), key=lambda k: (k[0], _target_order(k[1:3]), k[3])):
             d = paired_difference(ours[key], theirs[key])
@@ -1140,7 +1139,8 @@ def preset_comparison(records: list[dict], pairs=PRESET_PAIRS) -> list[str]:
         if rows:
             lines += [f"## Budget `{name}` against `{ref}`", "",
                       f"Fine-tuned test accuracy (%) under `{name}` and under `{ref}` from the same pruned model (same "
-                      "plan, compensation and seed), means over the seeds both have, and their paired-by-seed difference in pp with its 95% t-interval.",
+                      "plan, compensation and seed), means over the seeds both have, and their paired-by-seed "
+                      "difference in pp with its 95% t-interval.",
                       "", f"| model | target | criterion | n | `{name}` | `{ref}` | difference [95% interval] |",
                       "|---|---|---|---|---|---|---|"] + rows + [""]
     return lines
